@@ -1,0 +1,50 @@
+"""Celery: every task in an app context of its own, and fresh pools per worker.
+
+Connected through Celery's signals, so it covers tasks defined before and
+after :meth:`~flask_wfsession.WFSession.init_celery`, whatever their base
+class. In eager mode the task runs in the caller's thread but still in a new
+app context, so it gets a session separate from the caller's.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+from ._fork import dispose_pools
+
+if t.TYPE_CHECKING:
+    import sqlalchemy as sa
+    from flask import Flask
+    from flask.ctx import AppContext
+
+
+def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> None:
+    """Push an app context around each task of ``celery_app``; dispose pools in workers."""
+    from celery import signals as celery_signals  # type: ignore[import-untyped]
+
+    local = threading.local()
+    engines = list(engines)
+
+    def task_prerun(sender: t.Any = None, **_: t.Any) -> None:
+        if sender is None or sender.app is not celery_app:
+            return
+        ctx = app.app_context()
+        ctx.push()
+        stack: list[AppContext] = local.__dict__.setdefault("contexts", [])
+        stack.append(ctx)
+
+    def task_postrun(sender: t.Any = None, retval: t.Any = None, **_: t.Any) -> None:
+        if sender is None or sender.app is not celery_app:
+            return
+        ctx = local.contexts.pop()
+        # Teardown rolls back what the task did not commit and reports it;
+        # a failed or retried task hands its exception to the teardown.
+        ctx.pop(retval if isinstance(retval, BaseException) else None)
+
+    def worker_process_init(**_: t.Any) -> None:
+        dispose_pools(engines)
+
+    celery_signals.task_prerun.connect(task_prerun, weak=False)
+    celery_signals.task_postrun.connect(task_postrun, weak=False)
+    celery_signals.worker_process_init.connect(worker_process_init, weak=False)

@@ -1,0 +1,58 @@
+"""The one module that knows about Flask-SQLAlchemy.
+
+Adopting a ``db`` means: use its engines (binds included), and treat
+``db.session`` as the scoped session, so code that already uses ``db.session``
+gets releases, guards and reports without being rewritten.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import sqlalchemy as sa
+import sqlalchemy.orm as orm
+
+from ._errors import SetupError
+from ._guard import guard_sessions
+from ._pending import track_sessions
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+
+
+class FlaskSQLAlchemyScoped:
+    """``db.session`` seen as a :class:`~flask_wfsession._scoped.ScopedSource`."""
+
+    def __init__(self, scoped_session: orm.scoped_session[t.Any]) -> None:
+        self._scoped = scoped_session
+
+    def get(self) -> orm.Session:
+        return t.cast(orm.Session, self._scoped())
+
+    def peek(self) -> orm.Session | None:
+        if self._scoped.registry.has():
+            return t.cast(orm.Session, self._scoped())
+        return None
+
+    def close(self) -> None:
+        self._scoped.remove()
+
+
+def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:
+    """Return ``db``'s engines for ``app`` and its session as a scoped source.
+
+    :raise SetupError: ``db.init_app(app)`` was not called first. It must come
+        first so that ``db``'s teardown runs after ours, letting us report
+        writes before ``db`` discards them.
+    """
+    if app.extensions.get("sqlalchemy") is not db:
+        raise SetupError(
+            "The Flask-SQLAlchemy 'db' passed to 'init_app' is not registered on this"
+            " app. Call 'db.init_app(app)' before 'wfs.init_app(app, db=db)'."
+        )
+    with app.app_context():
+        engines = dict(db.engines)
+    guard_sessions(db.session)
+    track_sessions(db.session)
+    return engines, FlaskSQLAlchemyScoped(db.session)

@@ -1,0 +1,113 @@
+"""Checks run before a session sends SQL: its own thread, and the step guard.
+
+* A session belongs to the thread (or greenlet) that made it, or for a
+  session made elsewhere (Flask-SQLAlchemy's ``db.session``), the one that
+  first ran SQL on it. SQL from any other thread raises
+  :class:`~flask_wfsession.CrossThreadSessionError`.
+* While a long-running step's body runs, a session that was released for the
+  step must not open a new transaction, which would pin a connection for the
+  rest of the slow call. Sessions made inside the step (short
+  ``wfs.detached()`` writes) are allowed.
+
+Both checks hook ``do_orm_execute`` and ``before_flush``, which run before
+the session asks the pool for a connection.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import typing as t
+import warnings
+
+import sqlalchemy.orm as orm
+from sqlalchemy import event
+
+from ._errors import CrossThreadSessionError, StepGuardError, StepGuardWarning
+
+_OWNER = "flask_wfsession.owner"  # Session.info: (thread ident, thread name)
+_DEPTH = "flask_wfsession.step_depth"  # Session.info: step depth at creation
+
+GuardMode = t.Literal["raise", "warn", "off"]
+
+
+class _Step(t.NamedTuple):
+    depth: int
+    name: str
+    guard: GuardMode
+
+
+_NO_STEP = _Step(0, "", "off")
+step_var: contextvars.ContextVar[_Step] = contextvars.ContextVar(
+    "flask_wfsession.step", default=_NO_STEP
+)
+
+
+def enter_step(name: str, guard: GuardMode) -> None:
+    """Mark the current thread or task as running a step's body."""
+    outer = step_var.get()
+    step_var.set(_Step(outer.depth + 1, name if outer.depth == 0 else outer.name, guard))
+
+
+def exit_step() -> None:
+    """Undo one :func:`enter_step`."""
+    step = step_var.get()
+    step_var.set(_Step(step.depth - 1, step.name, step.guard) if step.depth > 1 else _NO_STEP)
+
+
+def claim(session: orm.Session, *, scoped: bool) -> None:
+    """Make the calling thread the owner of ``session``.
+
+    :param scoped: a scoped session is guarded in every step of its context;
+        other sessions only in steps that started after they were made.
+    """
+    me = threading.current_thread()
+    session.info[_OWNER] = (threading.get_ident(), me.name)
+    session.info[_DEPTH] = 0 if scoped else step_var.get().depth
+
+
+def _check(session: orm.Session) -> None:
+    ident = threading.get_ident()
+    owner = session.info.get(_OWNER)
+    if owner is None:
+        session.info[_OWNER] = (ident, threading.current_thread().name)
+    elif owner[0] != ident:
+        raise CrossThreadSessionError(
+            f"This session belongs to thread {owner[1]!r} but thread"
+            f" {threading.current_thread().name!r} tried to run SQL on it. A session"
+            " must stay in the thread that made it. Run the work with 'wfs.spawn()'"
+            " or 'wfs.submit()', which give the worker a session of its own, or"
+            " open one in the worker with 'wfs.detached()'."
+        )
+    step = step_var.get()
+    if step.depth > session.info.get(_DEPTH, 0) and step.guard != "off":
+        message = (
+            f"The session was used inside the long-running step {step.name!r}. That"
+            " would open a transaction and hold a pooled connection for the rest of"
+            " the slow call. Load what the step needs before it starts, or use"
+            " 'with wfs.detached() as session:' for a short read or write inside it."
+        )
+        if step.guard == "raise":
+            raise StepGuardError(message)
+        warnings.warn(message, StepGuardWarning, stacklevel=4)
+
+
+def _on_execute(state: orm.ORMExecuteState) -> None:
+    _check(state.session)
+
+
+def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> None:
+    _check(session)
+
+
+def guard_sessions(target: t.Any) -> None:
+    """Install both checks on a session class, sessionmaker or scoped_session."""
+    for name, fn in (("do_orm_execute", _on_execute), ("before_flush", _on_flush)):
+        if not event.contains(target, name, fn):
+            event.listen(target, name, fn)
+
+
+def owned_here(session: orm.Session) -> bool:
+    """Whether the calling thread may use ``session``."""
+    owner = session.info.get(_OWNER)
+    return owner is None or bool(owner[0] == threading.get_ident())

@@ -1,0 +1,193 @@
+"""Long-running steps: mark slow work so no connection is held across it.
+
+:func:`long_running` only sends :data:`~flask_wfsession.signals.long_running_started`
+and :data:`~flask_wfsession.signals.long_running_finished`; it does not know
+about sessions. The extension listens and does the releasing, so this module
+works, and is a no-op, in code that runs without Flask or without the
+extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+import typing as t
+from types import TracebackType
+
+from flask import current_app, has_app_context
+
+from . import signals
+from ._release import Pending
+
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
+
+
+@contextlib.contextmanager
+def _step(name: str, pending: Pending | None) -> t.Iterator[None]:
+    if not has_app_context():
+        yield
+        return
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    signals.long_running_started.send(app, step=name, pending=pending)
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        duration = time.perf_counter() - started
+        signals.long_running_finished.send(app, step=name, duration=duration, exception=error)
+
+
+def _wrap_generator(func: t.Any, name: str, pending: Pending | None) -> t.Any:
+    @functools.wraps(func)
+    def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        gen = func(*args, **kwargs)
+        sent: t.Any = None
+        thrown: BaseException | None = None
+        try:
+            while True:
+                with _step(name, pending):
+                    try:
+                        item = gen.send(sent) if thrown is None else gen.throw(thrown)
+                    except StopIteration as stop:
+                        return stop.value
+                thrown = None
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    raise
+                except BaseException as e:
+                    thrown = e
+        finally:
+            gen.close()
+
+    return wrapper
+
+
+def _wrap_async_generator(func: t.Any, name: str, pending: Pending | None) -> t.Any:
+    @functools.wraps(func)
+    async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        agen = func(*args, **kwargs)
+        sent: t.Any = None
+        thrown: BaseException | None = None
+        try:
+            while True:
+                with _step(name, pending):
+                    try:
+                        item = await (agen.asend(sent) if thrown is None else agen.athrow(thrown))
+                    except StopAsyncIteration:
+                        return
+                thrown = None
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    raise
+                except BaseException as e:
+                    thrown = e
+        finally:
+            await agen.aclose()
+
+    return wrapper
+
+
+class LongRunning:
+    """A long-running step; see :func:`long_running`.
+
+    Usable as a decorator, and as a context manager (``with`` and
+    ``async with``); make a new one for each ``with``.
+    """
+
+    def __init__(self, step: str, pending: Pending | None = None) -> None:
+        self.step = step
+        self.pending: Pending | None = pending
+        self._active: list[contextlib.AbstractContextManager[None]] = []
+
+    def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
+        name, pending = self.step, self.pending
+        if inspect.isasyncgenfunction(func):
+            return t.cast(t.Callable[P, R], _wrap_async_generator(func, name, pending))
+        if inspect.isgeneratorfunction(func):
+            return t.cast(t.Callable[P, R], _wrap_generator(func, name, pending))
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> t.Any:
+                with _step(name, pending):
+                    return await func(*args, **kwargs)
+
+            return t.cast(t.Callable[P, R], async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with _step(name, pending):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    def __enter__(self) -> None:
+        cm = _step(self.step, self.pending)
+        cm.__enter__()
+        self._active.append(cm)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._active.pop().__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+@t.overload
+def long_running(step: t.Callable[P, R], /) -> t.Callable[P, R]: ...
+@t.overload
+def long_running(step: str | None = None, /, *, pending: Pending | None = None) -> LongRunning: ...
+def long_running(
+    step: str | t.Callable[P, R] | None = None, /, *, pending: Pending | None = None
+) -> LongRunning | t.Callable[P, R]:
+    """Mark a slow step (an LLM or HTTP call) so no connection is held across it.
+
+    Before the step runs, every session of the current app context and thread
+    has its transaction ended and its connection returned to the pool; loaded
+    objects stay attached and readable. Pending writes follow ``pending``.
+    While the body runs, using those sessions raises
+    :class:`~flask_wfsession.StepGuardError`. Outside an app context this does
+    nothing.
+
+    .. code-block:: python
+
+        @long_running("llm")
+        def ask_llm(prompt: str) -> str: ...
+
+        with long_running("http"):
+            response = httpx.get(url)
+
+    Works on functions, generator functions (the release happens again before
+    each item is produced), ``async def`` functions and async generators.
+
+    :param step: the step's name, sent with the signals; the function's
+        qualified name when used bare as ``@long_running``.
+    :param pending: what to do with uncommitted writes: ``"raise"``
+        :class:`~flask_wfsession.PendingChangesError`, ``"commit"`` them or
+        ``"rollback"`` and report them. Defaults to ``WFSESSION_PENDING``.
+    """
+    if callable(step):
+        return LongRunning(step.__qualname__)(step)
+    return LongRunning(step or "long-running", pending)

@@ -1,0 +1,72 @@
+"""Scoped mode: one session per application context, closed at teardown.
+
+The session is cached on the context's ``g``, which exists exactly as long as
+its context, so two contexts can never share a session the way an ``id()``
+key reused after garbage collection could. With Flask-SQLAlchemy, its own
+``db.session`` plays this part (see ``_fsa``); both implement
+:class:`ScopedSource`.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import sqlalchemy.orm as orm
+from flask import g
+
+from ._guard import claim
+from ._pending import describe_pending, report_discarded
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+_KEY = "_flask_wfsession"
+
+
+class ScopedSource(t.Protocol):
+    """Where the current app context's session comes from."""
+
+    def get(self) -> orm.Session:
+        """The current context's session, made on first use."""
+
+    def peek(self) -> orm.Session | None:
+        """The current context's session if one was made, else ``None``."""
+
+    def close(self) -> None:
+        """Close the current context's session and forget it."""
+
+
+class ContextScoped:
+    """A session per app context, from ``sessionmaker``, cached on ``g``."""
+
+    def __init__(self, sessionmaker: orm.sessionmaker[t.Any]) -> None:
+        self._sessionmaker = sessionmaker
+
+    def get(self) -> orm.Session:
+        session: orm.Session | None = g.get(_KEY)
+        if session is None:
+            session = self._sessionmaker()
+            claim(session, scoped=True)
+            setattr(g, _KEY, session)
+        return session
+
+    def peek(self) -> orm.Session | None:
+        return t.cast("orm.Session | None", g.get(_KEY))
+
+    def close(self) -> None:
+        session = g.pop(_KEY, None)
+        if session is not None:
+            session.close()
+
+
+def teardown(app: Flask, scoped: ScopedSource) -> None:
+    """Report writes the context's session never committed, then close it."""
+    session = scoped.peek()
+    if session is None:
+        return
+    try:
+        changes = describe_pending(session)
+        if changes:
+            report_discarded(app, session, changes, reason="app context teardown")
+    finally:
+        scoped.close()

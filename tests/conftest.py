@@ -1,0 +1,144 @@
+"""Fixtures: a real app on each backend, with and without Flask-SQLAlchemy.
+
+Every test using ``app`` runs on SQLite (a file), PostgreSQL and MariaDB. An
+unreachable server is an error, never a skip. ``WFSESSION_TEST_BACKENDS``
+(comma-separated) narrows the list for a quick local run.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_wfsession import WFSession
+
+from .models import Base, Conversation
+
+SERVERS = {
+    "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "mysql": "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+BACKENDS = os.environ.get("WFSESSION_TEST_BACKENDS", "sqlite,postgresql,mysql").split(",")
+# A tiny pool makes a held connection visible: a third checkout times out.
+POOL = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
+# A leaked transaction must fail the test, not hang the table drop.
+CONNECT_ARGS = {
+    "postgresql": {"options": "-c lock_timeout=10000"},
+    "mysql": {"init_command": "SET SESSION lock_wait_timeout=10, innodb_lock_wait_timeout=10"},
+    "sqlite": {"timeout": 10},
+}
+
+
+def database_uri(backend: str, tmp_path: Path) -> str:
+    return SERVERS.get(backend) or f"sqlite:///{tmp_path / 'test.db'}"
+
+
+def engine_options(backend: str) -> dict[str, t.Any]:
+    return {**POOL, "connect_args": CONNECT_ARGS[backend]}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return t.cast(str, request.param)
+
+
+@pytest.fixture
+def uri(backend: str, tmp_path: Path) -> str:
+    return database_uri(backend, tmp_path)
+
+
+@pytest.fixture(params=["plain", "flask-sqlalchemy"])
+def integration(request: pytest.FixtureRequest) -> str:
+    return t.cast(str, request.param)
+
+
+class Setup(t.NamedTuple):
+    app: Flask
+    wfs: WFSession
+    engine: sa.Engine
+    db: SQLAlchemy | None
+
+
+def make_app(integration: str, backend: str, uri: str, **config: t.Any) -> Setup:
+    """Build an app the way the README shows, with or without Flask-SQLAlchemy."""
+    app = Flask(__name__)
+    app.config.update(TESTING=True, **config)
+    wfs = WFSession()
+    db = None
+    if integration == "flask-sqlalchemy":
+        app.config["SQLALCHEMY_DATABASE_URI"] = uri
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(backend)
+        db = SQLAlchemy()
+        db.init_app(app)
+        wfs.init_app(app, db=db)
+    else:
+        app.config["WFSESSION_DATABASE_URI"] = uri
+        app.config["WFSESSION_ENGINE_OPTIONS"] = engine_options(backend)
+        wfs.init_app(app)
+    with app.app_context():
+        engine = wfs.engine
+    return Setup(app, wfs, engine, db)
+
+
+def checked_out(engine: sa.Engine) -> int:
+    pool = t.cast(sa.pool.QueuePool, engine.pool)
+    return pool.checkedout()
+
+
+@pytest.fixture
+def make(integration: str, backend: str, uri: str) -> t.Iterator[t.Callable[..., Setup]]:
+    """Make apps on the current backend; check each returns every connection."""
+    made: list[Setup] = []
+
+    def factory(**config: t.Any) -> Setup:
+        setup = make_app(integration, backend, uri, **config)
+        if not made:
+            Base.metadata.create_all(setup.engine)
+        made.append(setup)
+        return setup
+
+    yield factory
+    leaked = {s.app.name: checked_out(s.engine) for s in made if checked_out(s.engine)}
+    for setup in made:
+        setup.engine.dispose()
+    if made:
+        cleanup = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+        Base.metadata.drop_all(cleanup)
+        cleanup.dispose()
+    assert not leaked, f"connections still checked out after the test: {leaked}"
+
+
+@pytest.fixture
+def setup(make: t.Callable[..., Setup]) -> Setup:
+    return make()
+
+
+@pytest.fixture
+def app(setup: Setup) -> Flask:
+    return setup.app
+
+
+@pytest.fixture
+def wfs(setup: Setup) -> WFSession:
+    return setup.wfs
+
+
+@pytest.fixture
+def engine(setup: Setup) -> sa.Engine:
+    return setup.engine
+
+
+@pytest.fixture
+def conversation_id(setup: Setup) -> int:
+    """The id of a committed conversation row."""
+    with setup.app.app_context(), setup.wfs.detached() as session:
+        conversation = Conversation(title="hello")
+        session.add(conversation)
+        session.flush()
+        return conversation.id
