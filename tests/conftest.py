@@ -29,7 +29,7 @@ BACKENDS = os.environ.get("WFSESSION_TEST_BACKENDS", "sqlite,postgresql,mysql").
 POOL = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
 # A leaked transaction must fail the test, not hang the table drop.
 CONNECT_ARGS = {
-    "postgresql": {"options": "-c lock_timeout=10000"},
+    "postgresql": {"options": "-c lock_timeout=10000", "application_name": "wfsession-tests"},
     "mysql": {"init_command": "SET SESSION lock_wait_timeout=10, innodb_lock_wait_timeout=10"},
     "sqlite": {"timeout": 10},
 }
@@ -142,3 +142,17 @@ def conversation_id(setup: Setup) -> int:
         session.add(conversation)
         session.flush()
         return conversation.id
+
+
+def idle_in_transaction(uri: str) -> int:
+    """How many of the tests' PostgreSQL connections sit idle in a transaction."""
+    engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        count = conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                " 'wfsession-tests' AND state LIKE 'idle in transaction%'"
+            )
+        )
+    engine.dispose()
+    return int(count or 0)

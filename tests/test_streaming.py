@@ -1,0 +1,91 @@
+"""Streamed responses hold no connection while the body is sent."""
+
+from __future__ import annotations
+
+import typing as t
+
+import sqlalchemy as sa
+from flask import Response, stream_with_context
+
+from flask_wfsession import long_running
+
+from .conftest import Setup, checked_out
+from .models import Conversation
+
+
+def add_stream_view(setup: Setup, events: list[str]) -> None:
+    @setup.app.get("/stream")
+    def stream() -> Response:
+        title = setup.wfs.session.scalars(sa.select(Conversation.title)).first()
+
+        @long_running("llm")
+        def llm_tokens() -> t.Iterator[str]:
+            yield from ("a", "b", "c")
+
+        def body() -> t.Iterator[str]:
+            try:
+                yield f"{title}:"
+                for token in llm_tokens():
+                    # Work between chunks opens a transaction; it is released
+                    # after the chunk is produced.
+                    setup.wfs.session.execute(sa.text("SELECT 1"))
+                    yield token
+            finally:
+                events.append("body closed")
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    @setup.app.teardown_appcontext
+    def note_teardown(exc: BaseException | None) -> None:
+        events.append("teardown")
+
+
+def test_no_connection_held_while_streaming(setup: Setup, conversation_id: int) -> None:
+    events: list[str] = []
+    add_stream_view(setup, events)
+    response = setup.app.test_client().get("/stream", buffered=False)
+    chunks = []
+    held = []
+    for chunk in response.response:
+        chunks.append(chunk)
+        held.append(checked_out(setup.engine))
+    response.close()
+    assert b"".join(chunks) == b"hello:abc"
+    assert held == [0, 0, 0, 0]
+    # Flask 3.1 also tears the context down once when the view returns.
+    assert events[-2:] == ["body closed", "teardown"]
+
+
+def test_abandoned_stream_closes_its_sessions(setup: Setup, conversation_id: int) -> None:
+    events: list[str] = []
+    add_stream_view(setup, events)
+    response = setup.app.test_client().get("/stream", buffered=False)
+    assert next(iter(response.response)) == b"hello:"
+    response.close()  # the client went away
+    assert events[-2:] == ["body closed", "teardown"]
+    assert checked_out(setup.engine) == 0
+
+
+def test_pending_writes_before_a_stream_are_refused(setup: Setup) -> None:
+    setup.app.config["PROPAGATE_EXCEPTIONS"] = False
+
+    @setup.app.get("/stream")
+    def stream() -> Response:
+        setup.wfs.session.add(Conversation(title="never committed"))
+        return Response(iter(["x"]))
+
+    assert setup.app.test_client().get("/stream").status_code == 500
+    with setup.wfs.detached(setup.app) as session:
+        assert session.scalars(sa.select(Conversation)).all() == []
+
+
+def test_streams_can_be_left_alone(make: t.Callable[..., Setup], conversation_id: int) -> None:
+    setup = make(WFSESSION_RELEASE_STREAMS=False)
+    events: list[str] = []
+    add_stream_view(setup, events)
+    response = setup.app.test_client().get("/stream", buffered=False)
+    chunks = iter(response.response)
+    assert [next(chunks), next(chunks)] == [b"hello:", b"a"]
+    assert checked_out(setup.engine) == 1  # held: the default would release it
+    response.close()
+    assert checked_out(setup.engine) == 0
