@@ -24,7 +24,6 @@ from ._errors import NoAppContextError, SetupError
 from ._fork import manage
 from ._fsa import adopt
 from ._guard import GuardMode, enter_step, exit_step, owned_here
-from ._pending import track_engine
 from ._release import PENDING_POLICIES, Pending, release_sessions
 from ._scoped import ContextScoped, ScopedSource, teardown
 from ._session import make_sessionmaker
@@ -131,7 +130,6 @@ class WFSession:
                 " 'engine=' or a Flask-SQLAlchemy 'db=' to 'init_app'."
             )
         for each in engines.values():
-            track_engine(each)
             manage(each)
         sessionmaker = make_sessionmaker(engines, self._session_options)
         self._app_state[app] = _State(
@@ -145,7 +143,13 @@ class WFSession:
             release_streams=bool(config["WFSESSION_RELEASE_STREAMS"]),
         )
         app.extensions[_EXTENSION_KEY] = self
-        app.teardown_appcontext(_teardown_appcontext)
+        scoped_source = self._app_state[app].scoped
+        app_ref = weakref.ref(app)
+
+        def teardown_appcontext(exc: BaseException | None) -> None:
+            teardown(t.cast(Flask, app_ref()), scoped_source)
+
+        app.teardown_appcontext(teardown_appcontext)
         app.after_request(_after_request)
 
     def _get_state(self, app: Flask) -> _State:
@@ -285,14 +289,9 @@ def _extension_of(app: Flask) -> tuple[WFSession, _State] | None:
     return None if state is None else (ext, state)
 
 
-def _teardown_appcontext(exc: BaseException | None) -> None:
-    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    found = _extension_of(app)
-    if found is not None:
-        teardown(app, found[1].scoped)
-
-
 def _after_request(response: Response) -> Response:
+    if not response.is_streamed:  # the common case first: it runs on every request
+        return response
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     found = _extension_of(app)
     if found is None or not found[1].release_streams:

@@ -8,6 +8,7 @@ gets releases, guards and reports without being rewritten.
 from __future__ import annotations
 
 import typing as t
+import weakref
 
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
@@ -19,6 +20,12 @@ from ._pending import track_sessions
 if t.TYPE_CHECKING:
     from flask import Flask
     from flask_sqlalchemy import SQLAlchemy
+
+
+# The db.session objects whose sessions carry our hooks. Identity, not id():
+# SQLAlchemy's event.contains() answers by id() and is fooled when a new
+# target reuses the id of a collected one.
+_hooked: weakref.WeakSet[orm.scoped_session[t.Any]] = weakref.WeakSet()
 
 
 class FlaskSQLAlchemyScoped:
@@ -35,8 +42,9 @@ class FlaskSQLAlchemyScoped:
             return t.cast(orm.Session, self._scoped())
         return None
 
-    def close(self) -> None:
-        self._scoped.remove()
+    def close(self, session: orm.Session) -> None:
+        # db's own teardown runs after ours and removes it from its registry.
+        session.close()
 
 
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:
@@ -53,6 +61,8 @@ def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], Flas
         )
     with app.app_context():
         engines = dict(db.engines)
-    guard_sessions(db.session)
-    track_sessions(db.session)
+    if db.session not in _hooked:
+        guard_sessions(db.session)
+        track_sessions(db.session)
+        _hooked.add(db.session)
     return engines, FlaskSQLAlchemyScoped(db.session)

@@ -24,6 +24,7 @@ import sqlalchemy.orm as orm
 from sqlalchemy import event
 
 from ._errors import CrossThreadSessionError, StepGuardError, StepGuardWarning
+from ._pending import note_execute
 
 _OWNER = "flask_wfsession.owner"  # Session.info: (thread ident, thread name)
 _DEPTH = "flask_wfsession.step_depth"  # Session.info: step depth at creation
@@ -94,6 +95,7 @@ def _check(session: orm.Session) -> None:
 
 def _on_execute(state: orm.ORMExecuteState) -> None:
     _check(state.session)
+    note_execute(state)
 
 
 def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> None:
@@ -101,10 +103,12 @@ def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> N
 
 
 def guard_sessions(target: t.Any) -> None:
-    """Install both checks on a session class, sessionmaker or scoped_session."""
-    for name, fn in (("do_orm_execute", _on_execute), ("before_flush", _on_flush)):
-        if not event.contains(target, name, fn):
-            event.listen(target, name, fn)
+    """Install both checks on a session class, sessionmaker or scoped_session, once.
+
+    The execute hook also notes writes for :mod:`~flask_wfsession._pending`.
+    """
+    event.listen(target, "do_orm_execute", _on_execute)
+    event.listen(target, "before_flush", _on_flush)
 
 
 def owned_here(session: orm.Session) -> bool:

@@ -2,10 +2,15 @@
 
 Two sources count as pending: objects the unit of work has not flushed yet
 (new, changed, deleted), and writes already sent to the database in the open
-transaction (flushed ORM changes, Core or textual ``INSERT``/``UPDATE``/...).
-The second kind is invisible to the ORM, so an engine hook marks each
-connection that carries a write, and a session hook resets the mark when the
-session begins a transaction on it.
+transaction: flushed ORM changes, and Core or textual ``INSERT``/``UPDATE``/...
+run through ``session.execute()``. The second kind is invisible to the ORM
+once sent, so session hooks note each one, and forget them when the
+session's outermost transaction ends. (A write inside a savepoint that was
+rolled back stays noted: the mistake, if any, is to refuse, never to drop.)
+
+No engine-level hook is used on purpose: any engine listener makes SQLAlchemy
+dispatch connection events on every statement, which measurably slows every
+request. The price: SQL run on ``session.connection()`` directly is not seen.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import typing as t
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from sqlalchemy import event
-from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 
 from . import signals
 
@@ -27,8 +31,7 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_wfsession")
 
-_WRITES = "flask_wfsession.writes"  # Connection.info: statements that wrote
-_CONNECTIONS = "flask_wfsession.connections"  # Session.info: connections in tx
+_SENT = "flask_wfsession.sent"  # Session.info: writes sent in the open transaction
 _MAX_LISTED = 3
 
 _READ_VERBS = frozenset(
@@ -51,69 +54,55 @@ def _text_writes(statement: str) -> bool:
     return verb not in _READ_VERBS
 
 
-def _is_write(statement: str, context: ExecutionContext | None) -> bool:
-    if context is not None:
-        ctx = t.cast(t.Any, context)
-        if ctx.isinsert or ctx.isupdate or ctx.isdelete or ctx.isddl:
-            return True
-        compiled = ctx.compiled
-        if compiled is not None and not isinstance(compiled.statement, sa.TextClause):
-            return False
-    return _text_writes(statement)
-
-
-def _before_cursor_execute(
-    conn: sa.Connection,
-    cursor: DBAPICursor,
-    statement: str,
-    parameters: t.Any,
-    context: ExecutionContext | None,
-    executemany: bool,
-) -> None:
-    if _is_write(statement, context):
-        writes: list[str] = conn.info.setdefault(_WRITES, [])
-        if len(writes) < _MAX_LISTED:
-            writes.append(" ".join(statement.split())[:80])
-
-
-def track_engine(engine: sa.Engine) -> None:
-    """Mark connections of ``engine`` that send a write. Idempotent."""
-    if not event.contains(engine, "before_cursor_execute", _before_cursor_execute):
-        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
-
-
-def _after_begin(
-    session: orm.Session, transaction: orm.SessionTransaction, connection: sa.Connection
-) -> None:
-    if transaction.parent is None:
-        connection.info[_WRITES] = []
-        session.info.setdefault(_CONNECTIONS, []).append(connection)
+def _note(session: orm.Session, description: str) -> None:
+    sent: list[str] = session.info.setdefault(_SENT, [])
+    if len(sent) < _MAX_LISTED:
+        sent.append(description)
 
 
 def _after_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.parent is None:
-        session.info.pop(_CONNECTIONS, None)
+        session.info.pop(_SENT, None)
+
+
+def note_execute(state: orm.ORMExecuteState) -> None:
+    """Note a write sent by ``session.execute()``; called before it runs."""
+    if state.is_select:
+        return
+    statement = state.statement
+    if isinstance(statement, sa.TextClause):
+        if not _text_writes(statement.text):
+            return
+    elif not (getattr(statement, "is_dml", False) or getattr(statement, "is_ddl", False)):
+        return
+    _note(state.session, "sent, not committed: " + " ".join(str(statement).split())[:80])
+
+
+def _after_flush(session: orm.Session, flush_context: t.Any) -> None:
+    for kind, objects in (
+        ("new", session.new),
+        ("changed", session.dirty),
+        ("deleted", session.deleted),
+    ):
+        for obj in objects:
+            _note(session, f"flushed, not committed: {kind} {_describe(obj)}")
 
 
 def track_sessions(target: t.Any) -> None:
-    """Record which connections each session of ``target`` uses. Idempotent.
+    """Note flushed writes of each session of ``target``; call once per target.
 
     :param target: a session class, ``sessionmaker`` or ``scoped_session``.
     """
-    for name, fn in (
-        ("after_begin", _after_begin),
-        ("after_transaction_end", _after_transaction_end),
-    ):
-        if not event.contains(target, name, fn):
-            event.listen(target, name, fn)
+    event.listen(target, "after_flush", _after_flush)
+    event.listen(target, "after_transaction_end", _after_transaction_end)
 
 
 def _describe(obj: object) -> str:
     state = sa.inspect(obj)
-    identity = state.identity
-    if identity is None:
+    identity = state.identity or state.mapper.primary_key_from_instance(obj)
+    if identity is None or all(value is None for value in identity):
         return f"{type(obj).__name__} (not yet inserted)"
-    key = identity[0] if len(identity) == 1 else identity
+    key = identity[0] if len(identity) == 1 else tuple(identity)
     return f"{type(obj).__name__} {key!r}"
 
 
@@ -123,14 +112,13 @@ def describe_pending(session: orm.Session) -> list[str]:
     :return: one line per pending object or already-sent write; empty when
         the session's transaction is read-only.
     """
+    sent: list[str] = session.info.get(_SENT, [])
+    if not session.identity_map.check_modified() and not session.new and not session.deleted:
+        return list(sent)
     changes = [f"new {_describe(o)}" for o in session.new]
     changes += [f"changed {_describe(o)}" for o in session.dirty if session.is_modified(o)]
     changes += [f"deleted {_describe(o)}" for o in session.deleted]
-    for conn in session.info.get(_CONNECTIONS, ()):
-        if conn.closed:
-            continue
-        changes += [f"sent, not committed: {sql}" for sql in conn.info.get(_WRITES, ())]
-    return changes
+    return changes + sent
 
 
 def report_discarded(app: Flask, session: orm.Session, changes: list[str], reason: str) -> None:

@@ -32,8 +32,8 @@ class ScopedSource(t.Protocol):
     def peek(self) -> orm.Session | None:
         """The current context's session if one was made, else ``None``."""
 
-    def close(self) -> None:
-        """Close the current context's session and forget it."""
+    def close(self, session: orm.Session) -> None:
+        """Close the current context's ``session`` and forget it."""
 
 
 class ContextScoped:
@@ -53,10 +53,9 @@ class ContextScoped:
     def peek(self) -> orm.Session | None:
         return t.cast("orm.Session | None", g.get(_KEY))
 
-    def close(self) -> None:
-        session = g.pop(_KEY, None)
-        if session is not None:
-            session.close()
+    def close(self, session: orm.Session) -> None:
+        g.pop(_KEY, None)
+        session.close()
 
 
 def teardown(app: Flask, scoped: ScopedSource) -> None:
@@ -69,4 +68,4 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
         if changes:
             report_discarded(app, session, changes, reason="app context teardown")
     finally:
-        scoped.close()
+        scoped.close(session)

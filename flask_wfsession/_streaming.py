@@ -27,7 +27,7 @@ def releasing(release: t.Callable[[], object], chunks: t.Iterable[t.Any]) -> t.I
 
 
 def wrap_streamed(response: Response, release: t.Callable[[], object]) -> Response:
-    """Release now and between chunks if ``response`` is streamed."""
+    """Release now and between chunks if ``response`` is streamed (not a file)."""
     if response.is_streamed and not response.direct_passthrough:
         release()
         response.response = releasing(release, response.response)

@@ -79,7 +79,7 @@ DESCRIBED = {
     "new": "new Conversation (not yet inserted)",
     "changed": "changed Conversation",
     "deleted": "deleted Conversation",
-    "flushed": "sent, not committed: INSERT INTO wfs_test_conversation",
+    "flushed": "flushed, not committed: new Conversation",
     "raw SQL": "sent, not committed: UPDATE wfs_test_conversation",
     "Core": "sent, not committed: INSERT INTO wfs_test_conversation",
 }

@@ -69,7 +69,7 @@ def test_uncommitted_writes_at_teardown_are_rolled_back_and_reported(
             wfs.session.execute(sa.text("DELETE FROM wfs_test_conversation"))
     assert [r["reason"] for r in reports] == ["app context teardown"] * 3
     assert "new Conversation (not yet inserted)" in reports[0]["changes"]
-    assert reports[1]["changes"][0].startswith("sent, not committed: INSERT INTO")
+    assert reports[1]["changes"][0].startswith("flushed, not committed: new Conversation")
     assert reports[2]["changes"][0].startswith("sent, not committed: DELETE FROM")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3
