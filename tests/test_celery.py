@@ -1,0 +1,106 @@
+"""Celery: a real worker process on Redis, and eager mode."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import typing as t
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from flask_wfsession import signals
+
+from .conftest import Setup
+from .models import Conversation, Message
+
+ROOT = Path(__file__).parent.parent
+
+
+def contents(setup: Setup) -> list[str]:
+    with setup.wfs.detached(setup.app) as session:
+        return sorted(session.scalars(sa.select(Message.content)))
+
+
+@pytest.fixture
+def worker(
+    setup: Setup, integration: str, backend: str, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> t.Iterator[ModuleType]:
+    """A prefork Celery worker (one child) serving tests/celery_tasks.py on Redis."""
+    env = {
+        "WFS_TEST_INTEGRATION": integration,
+        "WFS_TEST_BACKEND": backend,
+        "WFS_TEST_URI": uri,
+        "WFS_TEST_QUEUE": f"wfsession-tests-{uuid.uuid4().hex}",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sys.modules.pop("tests.celery_tasks", None)
+    tasks = importlib.import_module("tests.celery_tasks")
+    command = [sys.executable, "-m", "celery", "-A", "tests.celery_tasks:celery_app", "worker"]
+    command += ["--pool=prefork", "--concurrency=1", "--loglevel=WARNING"]
+    command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+    try:
+        yield tasks
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        tasks.setup.engine.dispose()
+        sys.modules.pop("tests.celery_tasks", None)
+
+
+def test_worker_runs_tasks_with_sessions_of_their_own(
+    setup: Setup, conversation_id: int, worker: ModuleType
+) -> None:
+    # Held connections during the task's LLM step: none.
+    assert worker.reply.delay(conversation_id).get(timeout=60) == 0
+    with pytest.raises(RuntimeError, match="failed after writing"):
+        worker.write_then_fail.delay(conversation_id).get(timeout=60)
+    assert worker.retried.delay(conversation_id).get(timeout=60) == "done"
+    status = worker.pool_status.delay().get(timeout=60)
+    assert status["pid"] != os.getpid()
+    assert status["checked out"] == 0  # nothing leaked between tasks
+    # The failed task and the retried task's first attempt were rolled back.
+    assert contents(setup) == ["attempt 1", "re: hello"]
+
+
+def test_eager_task_gets_a_session_separate_from_the_caller(
+    setup: Setup, conversation_id: int
+) -> None:
+    celery_app = Celery("eager", set_as_current=False)
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    setup.wfs.init_celery(celery_app, setup.app)
+
+    @celery_app.task
+    def write(conversation_id: int) -> int:
+        session = setup.wfs.session
+        session.add(Message(conversation_id=conversation_id, content="from the task"))
+        session.commit()
+        return id(session)
+
+    @celery_app.task
+    def fail(conversation_id: int) -> None:
+        setup.wfs.session.add(Message(conversation_id=conversation_id, content="lost"))
+        raise RuntimeError("eager failure")
+
+    reports: list[dict[str, t.Any]] = []
+    with (
+        signals.session_discarded.connected_to(lambda app, **kw: reports.append(kw), setup.app),
+        setup.app.app_context(),
+    ):
+        caller = setup.wfs.session
+        caller.add(Conversation(title="the caller's, not committed"))
+        assert write.delay(conversation_id).get() != id(caller)
+        with pytest.raises(RuntimeError, match="eager failure"):
+            fail.delay(conversation_id)
+        assert setup.wfs.session is caller
+        caller.rollback()
+    assert contents(setup) == ["from the task"]
+    assert [r["changes"] for r in reports] == [["new Message (not yet inserted)"]]
