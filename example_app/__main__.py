@@ -1,4 +1,4 @@
-"""The main job: ``python -m example_app``. See :mod:`example_app.demo`."""
+"""The main job: ``python -m example_app``; see :mod:`example_app.demo`."""
 
 from .demo import main
 

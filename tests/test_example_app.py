@@ -1,0 +1,236 @@
+"""The example app, on every backend: chat, streaming, workflows, jobs, a burst."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import threading
+import typing as t
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from example_app import create_app, demo, wfs
+from example_app.fake_llm import FakeLLM, answer_for
+from example_app.jobs import start_summary
+from example_app.models import Base, NodeResult, WorkflowRun
+from example_app.repositories import SQLAlchemyRunRepository
+from example_app.workflow import Node, Workflow, WorkflowEngine
+
+from .conftest import engine_options
+
+
+@pytest.fixture
+def fake_llm() -> t.Iterator[FakeLLM]:
+    with FakeLLM(latency=0.2) as llm:
+        yield llm
+
+
+def drop_tables(uri: str) -> None:
+    engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def make_example(backend: str, uri: str, fake_llm: FakeLLM) -> t.Iterator[t.Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def factory(**config: t.Any) -> Flask:
+        app = create_app(
+            {
+                "TESTING": True,
+                "WFSESSION_DATABASE_URI": uri,
+                "WFSESSION_ENGINE_OPTIONS": engine_options(backend),
+                "LLM_URL": fake_llm.url,
+                **config,
+            }
+        )
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        with app.app_context():
+            engine = wfs.engine
+        assert t.cast(sa.pool.QueuePool, engine.pool).checkedout() == 0
+        engine.dispose()
+    drop_tables(uri)
+
+
+@pytest.fixture
+def example(make_example: t.Callable[..., Flask]) -> Flask:
+    return make_example()
+
+
+def new_conversation(app: Flask) -> int:
+    response = app.test_client().post("/api/conversations", json={"title": "test"})
+    assert response.status_code == 201
+    return t.cast(int, response.get_json()["id"])
+
+
+def expected_answer(prompt: str) -> str:
+    return "".join(answer_for(prompt)).strip()
+
+
+def test_chat_stores_both_sides_and_holds_nothing_during_the_call(example: Flask) -> None:
+    client = example.test_client()
+    cid = new_conversation(example)
+    reply = client.post(f"/api/conversations/{cid}/chat", json={"message": "hi there"})
+    assert reply.get_json() == {"answer": expected_answer("user: hi there"), "messages": 2}
+    messages = client.get(f"/api/conversations/{cid}").get_json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    pool = client.get("/api/pool").get_json()
+    assert pool["llm_waits"] == 1 and pool["llm_waits_holding_a_connection"] == 0
+
+
+def test_streamed_answer_arrives_token_by_token(example: Flask) -> None:
+    cid = new_conversation(example)
+    response = example.test_client().get(
+        f"/api/conversations/{cid}/stream",
+        query_string={"message": "stream me"},
+        buffered=False,
+    )
+    assert response.mimetype == "text/event-stream"
+    events = b"".join(response.response).decode().strip().split("\n\n")
+    response.close()
+    tokens = [json.loads(e.removeprefix("data: "))["token"] for e in events[:-1]]
+    assert "".join(tokens).strip() == expected_answer("stream me")
+    assert events[-1].startswith("event: done")
+    pool = example.test_client().get("/api/pool").get_json()
+    assert pool["llm_waits"] >= len(tokens)
+    assert pool["llm_waits_holding_a_connection"] == 0
+    messages = example.test_client().get(f"/api/conversations/{cid}").get_json()["messages"]
+    assert messages[-1] == {"role": "assistant", "content": expected_answer("stream me")}
+
+
+def test_workflow_endpoint_runs_and_persists_every_node(example: Flask) -> None:
+    result = example.test_client().post("/api/workflows/research", json={"topic": "tea"})
+    body = result.get_json()
+    assert body["status"] == "succeeded"
+    assert set(body["results"]) == {"facts", "risks", "answer"}
+    assert body["results"]["facts"] == expected_answer("facts about tea")
+
+
+def test_workflow_nodes_run_in_parallel_through_repositories(example: Flask) -> None:
+    both_running = threading.Barrier(2, timeout=10)
+
+    def parallel(name: str) -> Node:
+        return Node(name, lambda results: f"{name} after {both_running.wait()}")
+
+    workflow = Workflow(
+        "parallel",
+        (parallel("a"), parallel("b"), Node("c", lambda r: r["a"][:1] + r["b"][:1], ("a", "b"))),
+    )
+    with example.app_context():
+        factory = wfs.sessionmaker
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        run_id = WorkflowEngine(SQLAlchemyRunRepository(factory), executor).run(workflow, {})
+    with factory() as session:
+        run = session.get_one(WorkflowRun, run_id)
+        assert run.status == "succeeded"
+        outputs = {r.node: r.output for r in run.results}
+    assert outputs["c"] == "ab"
+
+
+def test_failed_workflow_is_recorded_as_failed(example: Flask) -> None:
+    def broken(results: dict[str, str]) -> str:
+        raise ConnectionError("provider down")
+
+    with example.app_context():
+        factory = wfs.sessionmaker
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        engine = WorkflowEngine(SQLAlchemyRunRepository(factory), executor)
+        with pytest.raises(ConnectionError):
+            engine.run(Workflow("broken", (Node("x", broken),)), {})
+    with factory() as session:
+        assert session.scalars(sa.select(WorkflowRun.status)).all() == ["failed"]
+        assert session.scalars(sa.select(NodeResult)).all() == []
+
+
+EAGER_CELERY = {
+    "CELERY_BROKER_URL": "memory://",
+    "CELERY": {"task_always_eager": True, "task_eager_propagates": True},
+}
+
+
+@pytest.mark.parametrize("runner", ["thread", "celery-eager"])
+def test_background_summary(make_example: t.Callable[..., Flask], runner: str) -> None:
+    app = make_example(**(EAGER_CELERY if runner == "celery-eager" else {}))
+    cid = new_conversation(app)
+    app.test_client().post(f"/api/conversations/{cid}/chat", json={"message": "one two"})
+    with app.app_context():
+        assert ("example_celery" in app.extensions) == (runner == "celery-eager")
+        start_summary(cid).wait(timeout=30)
+    conversation = app.test_client().get(f"/api/conversations/{cid}").get_json()
+    transcript = "\n".join(f"{m['role']}: {m['content']}" for m in conversation["messages"])
+    assert transcript == f"user: one two\nassistant: {expected_answer('user: one two')}"
+    assert conversation["summary"] == expected_answer(f"Summarise this conversation:\n{transcript}")
+
+
+def test_summary_endpoint_starts_the_job(make_example: t.Callable[..., Flask]) -> None:
+    app = make_example(**EAGER_CELERY)  # eager: the job is done when the response is
+    cid = new_conversation(app)
+    assert app.test_client().post(f"/api/conversations/{cid}/summary").status_code == 202
+    assert app.test_client().get(f"/api/conversations/{cid}").get_json()["summary"]
+    assert app.test_client().post("/api/conversations/999/summary").status_code == 404
+
+
+def test_burst_on_a_tiny_pool(fake_llm: FakeLLM, uri: str) -> None:
+    try:
+        released = demo.burst(True, 8, fake_llm.url, uri)
+        pinned = demo.burst(False, 4, fake_llm.url, uri)
+    finally:
+        drop_tables(uri)
+    assert released["served"] == 8 and released["errors"] == 0
+    assert released["waits"] == 8 and released["holding"] == 0
+    assert pinned["holding"] == pinned["served"] > 0  # the contrast: each call pins one
+
+
+def test_page_serves_the_chat(example: Flask) -> None:
+    page = example.test_client().get("/")
+    assert page.status_code == 200
+    assert b"EventSource" in page.data and b"/api/pool" in page.data
+
+
+def test_a_person_chats_in_a_real_browser(example: Flask) -> None:
+    """Headless Chromium types a message, sends it, and sees the answer stream in."""
+    from playwright.sync_api import sync_playwright
+    from werkzeug.serving import make_server
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Chromium is missing: the test command installs Debian's 'chromium'.")
+    server = make_server("127.0.0.1", 0, example, threaded=True)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.fill("#message", "hello from a browser")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-done='true']", timeout=30_000)
+            answer = page.text_content(".assistant")
+            pool_text = page.text_content("#pool")
+            browser.close()
+    finally:
+        server.shutdown()
+        serving.join()
+    assert answer is not None and answer.strip() == expected_answer("hello from a browser")
+    assert pool_text is not None and pool_text.startswith("pool size")
+
+
+# As root in a container, without the network: no sandbox, no background calls.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
