@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import typing as t
+import weakref
 
+from ._errors import SetupError
 from ._fork import dispose_pools
 
 if t.TYPE_CHECKING:
@@ -19,9 +21,24 @@ if t.TYPE_CHECKING:
     from flask.ctx import AppContext
 
 
+# Celery apps already connected: a second connection would push two app
+# contexts around every task.
+_connected: weakref.WeakSet[t.Any] = weakref.WeakSet()
+
+
 def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> None:
-    """Push an app context around each task of ``celery_app``; dispose pools in workers."""
+    """Push an app context around each task of ``celery_app``; dispose pools in workers.
+
+    :raise SetupError: ``celery_app`` is already connected.
+    """
     from celery import signals as celery_signals  # type: ignore[import-untyped]
+
+    if celery_app in _connected:
+        raise SetupError(
+            f"'init_celery' was already called for the Celery app {celery_app.main!r}."
+            " Call it once per Celery app."
+        )
+    _connected.add(celery_app)
 
     local = threading.local()
     engines = list(engines)

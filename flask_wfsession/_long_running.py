@@ -103,13 +103,13 @@ class LongRunning:
     ``async with``); make a new one for each ``with``.
     """
 
-    def __init__(self, step: str, pending: Pending | None = None) -> None:
+    def __init__(self, step: str | None = None, pending: Pending | None = None) -> None:
         self.step = step
         self.pending: Pending | None = pending
         self._active: list[contextlib.AbstractContextManager[None]] = []
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
-        name, pending = self.step, self.pending
+        name, pending = self.step or func.__qualname__, self.pending
         if inspect.isasyncgenfunction(func):
             return t.cast(t.Callable[P, R], _wrap_async_generator(func, name, pending))
         if inspect.isgeneratorfunction(func):
@@ -131,7 +131,7 @@ class LongRunning:
         return wrapper
 
     def __enter__(self) -> None:
-        cm = _step(self.step, self.pending)
+        cm = _step(self.step or "long-running", self.pending)
         cm.__enter__()
         self._active.append(cm)
 
@@ -182,12 +182,13 @@ def long_running(
     Works on functions, generator functions (the release happens again before
     each item is produced), ``async def`` functions and async generators.
 
-    :param step: the step's name, sent with the signals; the function's
-        qualified name when used bare as ``@long_running``.
+    :param step: the step's name, sent with the signals; by default the
+        decorated function's qualified name, or ``"long-running"`` for a
+        ``with`` block.
     :param pending: what to do with uncommitted writes: ``"raise"``
         :class:`~flask_wfsession.PendingChangesError`, ``"commit"`` them or
         ``"rollback"`` and report them. Defaults to ``WFSESSION_PENDING``.
     """
     if callable(step):
-        return LongRunning(step.__qualname__)(step)
-    return LongRunning(step or "long-running", pending)
+        return LongRunning()(step)
+    return LongRunning(step, pending)

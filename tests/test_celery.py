@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from flask_wfsession import signals
+from flask_wfsession import SetupError, signals
 
 from .conftest import Setup
 from .models import Conversation, Message
@@ -104,3 +104,10 @@ def test_eager_task_gets_a_session_separate_from_the_caller(
         caller.rollback()
     assert contents(setup) == ["from the task"]
     assert [r["changes"] for r in reports] == [["new Message (not yet inserted)"]]
+
+
+def test_init_celery_twice_is_refused(setup: Setup) -> None:
+    celery_app = Celery("twice", set_as_current=False)
+    setup.wfs.init_celery(celery_app, setup.app)
+    with pytest.raises(SetupError, match="already called for the Celery app 'twice'"):
+        setup.wfs.init_celery(celery_app, setup.app)

@@ -232,12 +232,16 @@ def test_nested_steps_release_once(setup: Setup) -> None:
     assert len(released) == 1
 
 
-def test_bare_decorator_names_the_step_after_the_function(setup: Setup) -> None:
+def test_unnamed_steps_are_named_after_the_function(setup: Setup) -> None:
     steps: list[str] = []
 
     @long_running
     def summarize(text: str) -> str:
         return text.upper()
+
+    @long_running()
+    def translate(text: str) -> str:
+        return text.lower()
 
     with (
         signals.long_running_started.connected_to(
@@ -246,7 +250,10 @@ def test_bare_decorator_names_the_step_after_the_function(setup: Setup) -> None:
         setup.app.app_context(),
     ):
         assert summarize("hi") == "HI"
-    assert steps == [summarize.__qualname__]
+        assert translate("HI") == "hi"
+        with long_running():
+            pass
+    assert steps == [summarize.__qualname__, translate.__qualname__, "long-running"]
 
 
 def test_transparent_outside_an_app_context() -> None:
