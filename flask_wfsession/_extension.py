@@ -132,7 +132,7 @@ class WFSession:
         for each in engines.values():
             manage(each)
         sessionmaker = make_sessionmaker(engines, self._session_options)
-        self._app_state[app] = _State(
+        state = self._app_state[app] = _State(
             engines=engines,
             sessionmaker=sessionmaker,
             scoped=scoped or ContextScoped(sessionmaker),
@@ -143,11 +143,10 @@ class WFSession:
             release_streams=bool(config["WFSESSION_RELEASE_STREAMS"]),
         )
         app.extensions[_EXTENSION_KEY] = self
-        scoped_source = self._app_state[app].scoped
-        app_ref = weakref.ref(app)
+        app_ref = weakref.ref(app)  # the app holds this function: no cycle through it
 
         def teardown_appcontext(exc: BaseException | None) -> None:
-            teardown(t.cast(Flask, app_ref()), scoped_source)
+            teardown(t.cast(Flask, app_ref()), state.scoped)
 
         app.teardown_appcontext(teardown_appcontext)
         app.after_request(_after_request)

@@ -33,13 +33,9 @@ def _commit_keep_loaded(session: orm.Session) -> None:
         session.expire_on_commit = expire
 
 
-def _refuse(what: str, problems: list[str]) -> t.NoReturn:
+def _refuse(what: str, problem: str, advice: str) -> t.NoReturn:
     raise PendingChangesError(
-        f"Cannot release the database connection before {what}: "
-        + " ".join(problems)
-        + " Commit first ('session.commit()'), or choose what happens to them with"
-        " 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
-        " 'WFSESSION_PENDING' for the app)."
+        f"Cannot release the database connection before {what}: {problem} {advice}"
     )
 
 
@@ -60,14 +56,24 @@ def release_sessions(
     plan = [(s, describe_pending(s)) for s in sessions]
     for session, _ in plan:
         tx = session.get_transaction()
-        if tx is not None and (
-            tx.nested or tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN
-        ):
-            _refuse(what, ["a 'session.begin()' or 'begin_nested()' block is still open."])
+        explicit = tx is not None and tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN
+        if explicit or session.in_nested_transaction():
+            _refuse(
+                what,
+                "a 'session.begin()' or 'session.begin_nested()' block is still open,"
+                " and ending its transaction would break it.",
+                "Start the slow step after the block ends, or before it begins.",
+            )
     if policy == "raise":
         pending = [change for _, changes in plan for change in changes]
         if pending:
-            _refuse(what, [f"uncommitted writes are pending ({'; '.join(pending)})."])
+            _refuse(
+                what,
+                f"uncommitted writes are pending ({'; '.join(pending)}).",
+                "Commit first ('session.commit()'), or choose what happens to them with"
+                " 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
+                " 'WFSESSION_PENDING' for the app).",
+            )
     released = []
     for session, changes in plan:
         if session.get_transaction() is None and not changes:

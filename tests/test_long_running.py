@@ -175,10 +175,20 @@ def test_read_only_release_is_silent(setup: Setup) -> None:
 def test_explicit_begin_block_is_refused(setup: Setup) -> None:
     with setup.app.app_context():
         with setup.wfs.session.begin():
-            with pytest.raises(PendingChangesError, match=r"'session\.begin\(\)'"):
+            with pytest.raises(PendingChangesError, match="after the block ends"):
                 with long_running("llm"):
                     pass
         assert checked_out(setup.engine) == 0
+
+
+def test_open_savepoint_is_refused(setup: Setup) -> None:
+    with setup.app.app_context():
+        setup.wfs.session.execute(sa.text("SELECT 1"))
+        with setup.wfs.session.begin_nested():
+            with pytest.raises(PendingChangesError, match=r"begin_nested\(\)"):
+                with long_running("llm"):
+                    pass
+        setup.wfs.session.rollback()
 
 
 def test_detached_sessions_open_in_the_thread_are_released(setup: Setup) -> None:
