@@ -204,7 +204,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=float, default=0.5)
     parser.add_argument("--short-clients", type=int, default=8)
     parser.add_argument("--short-seconds", type=float, default=4.0)
-    parser.add_argument("--short-rounds", type=int, default=7, help="0 skips them")
+    parser.add_argument("--short-rounds", type=int, default=12, help="0 skips them")
     parser.add_argument("--plot", metavar="FILE", help="save throughput vs clients as PNG")
     parser.add_argument("--plot-clients", default="5,10,25,50")
     parser.add_argument("--count-requests", nargs=2, metavar=("VARIANT", "N"), help="internal")
@@ -248,7 +248,9 @@ def short_requests(args: argparse.Namespace, cid: int) -> str:
     ratios, cpu_ratios = [], []
     for n in range(1, args.short_rounds + 1):
         pair = {}
-        for variant in ("plain", "wfsession"):
+        # Alternate which goes first, so an order effect cancels out.
+        order = ("plain", "wfsession") if n % 2 else ("wfsession", "plain")
+        for variant in order:
             path = f"/short/{cid}"
             r = run(variant, args.database_url, 0, args.short_clients, args.short_seconds, path)
             if r.errors:

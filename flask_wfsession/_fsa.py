@@ -43,8 +43,10 @@ class FlaskSQLAlchemyScoped:
         return None
 
     def close(self, session: orm.Session) -> None:
-        # db's own teardown runs after ours and removes it from its registry.
-        session.close()
+        # Nothing to do: db's own teardown runs right after ours (init_app
+        # order is enforced) and closes and removes it. Closing twice is not
+        # free: every close() builds a new identity map.
+        pass
 
 
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:

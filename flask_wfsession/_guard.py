@@ -26,7 +26,7 @@ from sqlalchemy import event
 from ._errors import CrossThreadSessionError, StepGuardError, StepGuardWarning
 from ._pending import note_execute
 
-_OWNER = "flask_wfsession.owner"  # Session.info: (thread ident, thread name)
+_OWNER = "flask_wfsession.owner"  # Session.info: ident of the owning thread
 _DEPTH = "flask_wfsession.step_depth"  # Session.info: step depth at creation
 
 GuardMode = t.Literal["raise", "warn", "off"]
@@ -62,19 +62,23 @@ def claim(session: orm.Session, *, scoped: bool) -> None:
     :param scoped: a scoped session is guarded in every step of its context;
         other sessions only in steps that started after they were made.
     """
-    me = threading.current_thread()
-    session.info[_OWNER] = (threading.get_ident(), me.name)
+    session.info[_OWNER] = threading.get_ident()
     session.info[_DEPTH] = 0 if scoped else step_var.get().depth
+
+
+def _thread_name(ident: int) -> str:
+    """The name of the live thread ``ident``, for error messages only."""
+    return next((t.name for t in threading.enumerate() if t.ident == ident), f"#{ident}")
 
 
 def _check(session: orm.Session) -> None:
     ident = threading.get_ident()
     owner = session.info.get(_OWNER)
     if owner is None:
-        session.info[_OWNER] = (ident, threading.current_thread().name)
-    elif owner[0] != ident:
+        session.info[_OWNER] = ident
+    elif owner != ident:
         raise CrossThreadSessionError(
-            f"This session belongs to thread {owner[1]!r} but thread"
+            f"This session belongs to thread {_thread_name(owner)!r} but thread"
             f" {threading.current_thread().name!r} tried to run SQL on it. A session"
             " must stay in the thread that made it. Run the work with 'wfs.spawn()'"
             " or 'wfs.submit()', which give the worker a session of its own, or"
@@ -114,4 +118,4 @@ def guard_sessions(target: t.Any) -> None:
 def owned_here(session: orm.Session) -> bool:
     """Whether the calling thread may use ``session``."""
     owner = session.info.get(_OWNER)
-    return owner is None or bool(owner[0] == threading.get_ident())
+    return owner is None or bool(owner == threading.get_ident())
