@@ -13,9 +13,8 @@ import weakref
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
+from . import _hooks
 from ._errors import SetupError
-from ._guard import guard_sessions
-from ._pending import track_sessions
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -64,7 +63,6 @@ def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], Flas
     with app.app_context():
         engines = dict(db.engines)
     if db.session not in _hooked:
-        guard_sessions(db.session)
-        track_sessions(db.session)
+        _hooks.install(db.session)
         _hooked.add(db.session)
     return engines, FlaskSQLAlchemyScoped(db.session)

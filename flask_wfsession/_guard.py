@@ -9,8 +9,8 @@
   rest of the slow call. Sessions made inside the step (short
   ``wfs.detached()`` writes) are allowed.
 
-Both checks hook ``do_orm_execute`` and ``before_flush``, which run before
-the session asks the pool for a connection.
+:func:`check` runs in the ``do_orm_execute`` and ``before_flush`` hooks
+(see ``_hooks``), before the session asks the pool for a connection.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import typing as t
 import warnings
 
 import sqlalchemy.orm as orm
-from sqlalchemy import event
 
 from ._errors import CrossThreadSessionError, StepGuardError, StepGuardWarning
-from ._pending import note_execute
 
 _OWNER = "flask_wfsession.owner"  # Session.info: ident of the owning thread
 _DEPTH = "flask_wfsession.step_depth"  # Session.info: step depth at creation
@@ -71,7 +69,8 @@ def _thread_name(ident: int) -> str:
     return next((t.name for t in threading.enumerate() if t.ident == ident), f"#{ident}")
 
 
-def _check(session: orm.Session) -> None:
+def check(session: orm.Session) -> None:
+    """Raise if ``session`` may not run SQL here and now."""
     ident = threading.get_ident()
     owner = session.info.get(_OWNER)
     if owner is None:
@@ -95,24 +94,6 @@ def _check(session: orm.Session) -> None:
         if step.guard == "raise":
             raise StepGuardError(message)
         warnings.warn(message, StepGuardWarning, stacklevel=4)
-
-
-def _on_execute(state: orm.ORMExecuteState) -> None:
-    _check(state.session)
-    note_execute(state)
-
-
-def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> None:
-    _check(session)
-
-
-def guard_sessions(target: t.Any) -> None:
-    """Install both checks on a session class, sessionmaker or scoped_session, once.
-
-    The execute hook also notes writes for :mod:`~flask_wfsession._pending`.
-    """
-    event.listen(target, "do_orm_execute", _on_execute)
-    event.listen(target, "before_flush", _on_flush)
 
 
 def owned_here(session: orm.Session) -> bool:

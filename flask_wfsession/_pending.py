@@ -22,7 +22,6 @@ import typing as t
 
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
-from sqlalchemy import event
 
 from . import signals
 
@@ -60,7 +59,7 @@ def _note(session: orm.Session, description: str) -> None:
         sent.append(description)
 
 
-def _after_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
+def after_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_SENT, None)
 
@@ -78,7 +77,7 @@ def note_execute(state: orm.ORMExecuteState) -> None:
     _note(state.session, "sent, not committed: " + " ".join(str(statement).split())[:80])
 
 
-def _after_flush(session: orm.Session, flush_context: t.Any) -> None:
+def after_flush(session: orm.Session, flush_context: t.Any) -> None:
     for kind, objects in (
         ("new", session.new),
         ("changed", session.dirty),
@@ -86,15 +85,6 @@ def _after_flush(session: orm.Session, flush_context: t.Any) -> None:
     ):
         for obj in objects:
             _note(session, f"flushed, not committed: {kind} {_describe(obj)}")
-
-
-def track_sessions(target: t.Any) -> None:
-    """Note flushed writes of each session of ``target``; call once per target.
-
-    :param target: a session class, ``sessionmaker`` or ``scoped_session``.
-    """
-    event.listen(target, "after_flush", _after_flush)
-    event.listen(target, "after_transaction_end", _after_transaction_end)
 
 
 def _describe(obj: object) -> str:

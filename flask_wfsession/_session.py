@@ -13,8 +13,8 @@ import typing as t
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
-from ._guard import claim, guard_sessions
-from ._pending import track_sessions
+from . import _hooks
+from ._guard import claim
 
 
 class Session(orm.Session):
@@ -52,8 +52,7 @@ class Session(orm.Session):
         return super().get_bind(mapper, clause=clause, bind=bind, **kwargs)
 
 
-guard_sessions(Session)
-track_sessions(Session)
+_hooks.install(Session)
 
 
 def make_sessionmaker(
