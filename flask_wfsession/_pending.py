@@ -16,6 +16,7 @@ request. The price: SQL run on ``session.connection()`` directly is not seen.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import typing as t
@@ -31,7 +32,8 @@ if t.TYPE_CHECKING:
 logger = logging.getLogger("flask_wfsession")
 
 _SENT = "flask_wfsession.sent"  # Session.info: writes sent in the open transaction
-_MAX_LISTED = 3
+_MAX_LISTED = 3  # sent writes noted per transaction
+_MAX_DESCRIBED = 10  # unflushed objects named in a message
 
 _READ_VERBS = frozenset(
     {"select", "show", "explain", "describe", "desc", "pragma", "values", "set"}
@@ -78,36 +80,48 @@ def note_execute(state: orm.ORMExecuteState) -> None:
 
 
 def after_flush(session: orm.Session, flush_context: t.Any) -> None:
-    for kind, objects in (
-        ("new", session.new),
-        ("changed", session.dirty),
-        ("deleted", session.deleted),
-    ):
-        for obj in objects:
-            _note(session, f"flushed, not committed: {kind} {_describe(obj)}")
+    room = _MAX_LISTED - len(session.info.get(_SENT, ()))
+    for kind, obj in itertools.islice(_pending_objects(session), max(room, 0)):
+        _note(session, f"flushed, not committed: {kind} {describe(obj)}")
 
 
-def _describe(obj: object) -> str:
+def _pending_objects(session: orm.Session) -> t.Iterator[tuple[str, object]]:
+    """The unflushed objects (before a flush: the ones it sends), with their kind."""
+    yield from (("new", o) for o in session.new)
+    yield from (("changed", o) for o in session.dirty if session.is_modified(o))
+    yield from (("deleted", o) for o in session.deleted)
+
+
+def identity_key(obj: object) -> object:
+    """The primary key of ``obj`` (a tuple if composite), or ``None`` before insert."""
     state = sa.inspect(obj)
     identity = state.identity or state.mapper.primary_key_from_instance(obj)
     if identity is None or all(value is None for value in identity):
+        return None
+    return identity[0] if len(identity) == 1 else tuple(identity)
+
+
+def describe(obj: object) -> str:
+    """``Conversation 3``, or ``Conversation (not yet inserted)``."""
+    key = identity_key(obj)
+    if key is None:
         return f"{type(obj).__name__} (not yet inserted)"
-    key = identity[0] if len(identity) == 1 else tuple(identity)
     return f"{type(obj).__name__} {key!r}"
 
 
 def describe_pending(session: orm.Session) -> list[str]:
     """Describe the writes ``session`` would lose if rolled back now.
 
-    :return: one line per pending object or already-sent write; empty when
-        the session's transaction is read-only.
+    :return: one line per pending object (the first ten, then a count) or
+        already-sent write; empty when the session's transaction is read-only.
     """
     sent: list[str] = session.info.get(_SENT, [])
     if not session.identity_map.check_modified() and not session.new and not session.deleted:
         return list(sent)
-    changes = [f"new {_describe(o)}" for o in session.new]
-    changes += [f"changed {_describe(o)}" for o in session.dirty if session.is_modified(o)]
-    changes += [f"deleted {_describe(o)}" for o in session.deleted]
+    objects = list(_pending_objects(session))
+    changes = [f"{kind} {describe(obj)}" for kind, obj in objects[:_MAX_DESCRIBED]]
+    if len(objects) > _MAX_DESCRIBED:
+        changes.append(f"and {len(objects) - _MAX_DESCRIBED} more objects")
     return changes + sent
 
 

@@ -20,7 +20,7 @@ import sqlalchemy.orm as orm
 
 from ._errors import AttachedObjectError
 from ._guard import step_var
-from ._pending import _describe
+from ._pending import describe, identity_key
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -58,10 +58,9 @@ def check_handover(args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> None:
             items = (value,)
         for item in items:
             if _attached(item):
-                identity = sa.inspect(item).identity
-                key = identity[0] if identity and len(identity) == 1 else identity
+                key = identity_key(item)
                 raise AttachedObjectError(
-                    f"{_describe(item)} is attached to a session and cannot be handed"
+                    f"{describe(item)} is attached to a session and cannot be handed"
                     " to a worker: the worker would share the caller's session across"
                     " threads, or lazy-load after it closed. Pass its primary key"
                     f" ({key!r}) and load it in the worker with"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flask_wfsession._pending import _text_writes
+from flask_wfsession._pending import _text_writes, describe_pending
+
+from .conftest import Setup
+from .models import Conversation
 
 
 @pytest.mark.parametrize(
@@ -44,3 +47,15 @@ def test_reads_are_not_writes(sql: str) -> None:
 )
 def test_writes_and_unknown_verbs_are_writes(sql: str) -> None:
     assert _text_writes(sql)
+
+
+def test_a_large_unit_of_work_is_summarised_not_listed(setup: Setup) -> None:
+    with setup.app.app_context():
+        setup.wfs.session.add_all(Conversation(title=str(n)) for n in range(25))
+        changes = describe_pending(setup.wfs.session)
+        setup.wfs.session.flush()
+        flushed = describe_pending(setup.wfs.session)
+        setup.wfs.session.rollback()
+    assert len(changes) == 11 and changes[-1] == "and 15 more objects"
+    assert len(flushed) == 3
+    assert all(c.startswith("flushed, not committed: new Conversation") for c in flushed)
