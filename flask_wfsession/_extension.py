@@ -289,7 +289,9 @@ def _extension_of(app: Flask) -> tuple[WFSession, _State] | None:
 
 
 def _after_request(response: Response) -> Response:
-    if not response.is_streamed:  # the common case first: it runs on every request
+    # The common case first: this runs on every request. A file response
+    # (direct passthrough) holds no session and is left to the server.
+    if not response.is_streamed or response.direct_passthrough:
         return response
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     found = _extension_of(app)

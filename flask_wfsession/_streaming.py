@@ -27,8 +27,7 @@ def releasing(release: t.Callable[[], object], chunks: t.Iterable[t.Any]) -> t.I
 
 
 def wrap_streamed(response: Response, release: t.Callable[[], object]) -> Response:
-    """Release now and between chunks if ``response`` is streamed (not a file)."""
-    if response.is_streamed and not response.direct_passthrough:
-        release()
-        response.response = releasing(release, response.response)
+    """Release now, and between the chunks of streamed ``response``."""
+    release()
+    response.response = releasing(release, response.response)
     return response
