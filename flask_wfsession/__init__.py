@@ -9,12 +9,16 @@ from . import signals
 from ._errors import (
     AttachedObjectError,
     CrossThreadSessionError,
+    DiscardedWritesWarning,
+    HeldConnectionWarning,
     NoAppContextError,
     PendingChangesError,
+    SettingError,
     SetupError,
     StepGuardError,
     StepGuardWarning,
     WFSessionError,
+    WFSessionWarning,
 )
 from ._extension import WFSession
 from ._long_running import LongRunning, long_running
@@ -23,15 +27,19 @@ from ._session import Session
 __all__ = [
     "AttachedObjectError",
     "CrossThreadSessionError",
+    "DiscardedWritesWarning",
+    "HeldConnectionWarning",
     "LongRunning",
     "NoAppContextError",
     "PendingChangesError",
     "Session",
+    "SettingError",
     "SetupError",
     "StepGuardError",
     "StepGuardWarning",
     "WFSession",
     "WFSessionError",
+    "WFSessionWarning",
     "long_running",
     "signals",
 ]

@@ -1,36 +1,32 @@
 """Detached mode: independent sessions, tied to no app context.
 
 Each ``with`` block gets a new session that commits when the block succeeds,
-rolls back when it raises, and always closes. Sessions still open are listed
-per thread, so a long-running step started inside the block releases them.
+rolls back when it raises, and always closes. While the block is open the
+session is marked, so a long-running step started inside it releases the
+connection only when that cannot split the block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import typing as t
 
 import sqlalchemy.orm as orm
 
+from ._release import DETACHED_BLOCK
+
 
 class DetachedSessions:
-    """Opens detached sessions from one app's sessionmaker and lists open ones."""
+    """Opens detached sessions from one app's sessionmaker."""
 
     def __init__(self, sessionmaker: orm.sessionmaker[t.Any]) -> None:
         self._sessionmaker = sessionmaker
-        self._local = threading.local()
-
-    def open_in_this_thread(self) -> list[orm.Session]:
-        """The sessions of unfinished ``with`` blocks in the calling thread."""
-        return list(getattr(self._local, "sessions", ()))
 
     @contextlib.contextmanager
     def session(self) -> t.Iterator[orm.Session]:
         """A new session: commit on success, roll back on error, always close."""
         session: orm.Session = self._sessionmaker(expire_on_commit=False)
-        opened: list[orm.Session] = self._local.__dict__.setdefault("sessions", [])
-        opened.append(session)
+        session.info[DETACHED_BLOCK] = True
         try:
             yield session
             session.commit()
@@ -38,5 +34,5 @@ class DetachedSessions:
             session.rollback()
             raise
         finally:
-            opened.remove(session)
+            session.info.pop(DETACHED_BLOCK, None)
             session.close()

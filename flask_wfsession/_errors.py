@@ -1,4 +1,4 @@
-"""The exceptions flask-wfsession raises, one class per kind of misuse."""
+"""The exceptions and warnings flask-wfsession raises, one class per kind of misuse."""
 
 from __future__ import annotations
 
@@ -11,30 +11,55 @@ class SetupError(WFSessionError, RuntimeError):
     """The extension is not set up for this app, or set up twice or wrongly."""
 
 
+class SettingError(SetupError, ValueError):
+    """A policy or configuration value is not one of the values it accepts.
+
+    Raised where the value is given: ``init_app`` for configuration keys,
+    :func:`~flask_wfsession.long_running` and
+    :meth:`~flask_wfsession.WFSession.release` for ``pending=``.
+    """
+
+
 class NoAppContextError(WFSessionError, RuntimeError):
     """The scoped session was asked for outside an application context."""
 
 
 class PendingChangesError(WFSessionError, RuntimeError):
-    """A session holds uncommitted writes when its transaction must end.
+    """A session's uncommitted writes would be committed, dropped or split.
 
-    Raised before a long-running step starts, so the step never runs with
-    writes that would otherwise be committed or dropped without anyone saying
-    so.
+    Raised under the ``"raise"`` policy before a long-running step starts, so
+    the step never runs; and under any policy when the database connection
+    died with writes already sent in its transaction.
     """
 
 
 class StepGuardError(WFSessionError, RuntimeError):
-    """A released session was used while a long-running step's body runs."""
-
-
-class StepGuardWarning(UserWarning):
-    """Issued instead of :class:`StepGuardError` when ``WFSESSION_GUARD`` is ``"warn"``."""
+    """A session was used while a long-running step's body runs."""
 
 
 class CrossThreadSessionError(WFSessionError, RuntimeError):
-    """A session ran SQL from a thread (or greenlet) other than its own."""
+    """A session was used from a thread, greenlet or process other than its own."""
 
 
 class AttachedObjectError(WFSessionError, TypeError):
     """An ORM object still attached to a session was handed to a worker."""
+
+
+class WFSessionWarning(UserWarning):
+    """Base class of the warnings flask-wfsession issues.
+
+    They report what the extension did instead of failing a working app.
+    ``filterwarnings = error`` (pytest) turns them into test failures.
+    """
+
+
+class StepGuardWarning(WFSessionWarning):
+    """A session was used inside a long-running step (``WFSESSION_GUARD = "warn"``)."""
+
+
+class HeldConnectionWarning(WFSessionWarning):
+    """A session kept its connection through a long-running step (``"hold"``)."""
+
+
+class DiscardedWritesWarning(WFSessionWarning):
+    """Uncommitted writes were rolled back: at teardown, by policy, or with a lost connection."""

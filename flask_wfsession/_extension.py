@@ -10,30 +10,32 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
+import types
 import typing as t
 import weakref
 
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app, has_app_context, has_request_context, request
 from werkzeug.wrappers import Response
 
-from . import _celery, _threads, signals
+from . import _celery, _registry, _settings, _threads, signals
+from ._callsite import user_frame
 from ._detached import DetachedSessions
 from ._errors import NoAppContextError, SetupError
 from ._fork import manage
 from ._fsa import adopt
-from ._guard import GuardMode, enter_step, exit_step, owned_here
-from ._release import PENDING_POLICIES, Pending, release_sessions
+from ._guard import enter_step, exit_step, owned_here
+from ._release import release_sessions
 from ._scoped import ContextScoped, ScopedSource, teardown
-from ._session import make_sessionmaker
+from ._session import made_for, make_sessionmaker
+from ._settings import GUARD_MODES, PENDING_POLICIES, GuardMode, Pending
 from ._streaming import wrap_streamed
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
 
 _EXTENSION_KEY = "wfsession"
-_GUARD_MODES: tuple[GuardMode, ...] = ("raise", "warn", "off")
 
 
 @dataclasses.dataclass
@@ -46,15 +48,6 @@ class _State:
     guard: GuardMode
     expire_on_release: bool
     release_streams: bool
-
-
-def _choice(app: Flask, key: str, choices: tuple[str, ...]) -> t.Any:
-    value = app.config[key]
-    if value not in choices:
-        raise SetupError(
-            f"'{key}' is {value!r}; it must be one of {', '.join(map(repr, choices))}."
-        )
-    return value
 
 
 class WFSession:
@@ -94,8 +87,10 @@ class WFSession:
         ``db.init_app(app)`` first). With ``engine``, use it. With neither,
         build an engine from ``WFSESSION_DATABASE_URI``.
 
-        :raise SetupError: already registered, both ``db`` and ``engine``, no
-            database configured, or a configuration value out of range.
+        :raise SetupError: already registered, both ``db`` and ``engine``, or no
+            database configured.
+        :raise SettingError: a configuration value that is not one of its
+            choices (a subclass of ``SetupError`` and ``ValueError``).
         """
         if _EXTENSION_KEY in app.extensions:
             raise SetupError(
@@ -109,12 +104,14 @@ class WFSession:
         config = app.config
         config.setdefault("WFSESSION_DATABASE_URI", None)
         config.setdefault("WFSESSION_ENGINE_OPTIONS", {})
-        config.setdefault("WFSESSION_PENDING", "raise")
-        config.setdefault("WFSESSION_GUARD", "raise")
+        config.setdefault("WFSESSION_PENDING", "hold")
+        config.setdefault("WFSESSION_GUARD", "warn")
         config.setdefault("WFSESSION_EXPIRE_ON_RELEASE", False)
         config.setdefault("WFSESSION_RELEASE_STREAMS", True)
-        pending = _choice(app, "WFSESSION_PENDING", PENDING_POLICIES)
-        guard = _choice(app, "WFSESSION_GUARD", _GUARD_MODES)
+        pending = _settings.choice("WFSESSION_PENDING", config, PENDING_POLICIES)
+        guard = _settings.choice("WFSESSION_GUARD", config, GUARD_MODES)
+        expire = _settings.boolean("WFSESSION_EXPIRE_ON_RELEASE", config)
+        streams = _settings.boolean("WFSESSION_RELEASE_STREAMS", config)
 
         scoped: ScopedSource | None = None
         if db is not None:
@@ -139,8 +136,8 @@ class WFSession:
             detached=DetachedSessions(sessionmaker),
             pending=pending,
             guard=guard,
-            expire_on_release=bool(config["WFSESSION_EXPIRE_ON_RELEASE"]),
-            release_streams=bool(config["WFSESSION_RELEASE_STREAMS"]),
+            expire_on_release=expire,
+            release_streams=streams,
         )
         app.extensions[_EXTENSION_KEY] = self
         app_ref = weakref.ref(app)  # the app holds this function: no cycle through it
@@ -215,8 +212,15 @@ class WFSession:
         return state.detached.session()
 
     def _sessions_here(self, state: _State) -> list[orm.Session]:
-        sessions = [s for s in (state.scoped.peek(),) if s is not None and owned_here(s)]
-        return sessions + state.detached.open_in_this_thread()
+        """The app context's session and this app's sessions holding a
+        connection taken in this thread or greenlet (detached, sessionmaker)."""
+        scoped = state.scoped.peek()
+        sessions = [scoped] if scoped is not None and owned_here(scoped) else []
+        return sessions + [
+            s
+            for s in _registry.in_this_thread()
+            if s is not scoped and made_for(s, state.engines) and owned_here(s)
+        ]
 
     def release(self, pending: Pending | None = None) -> list[orm.Session]:
         """End the transactions of this context's and thread's sessions now.
@@ -225,14 +229,23 @@ class WFSession:
 
         :param pending: policy for uncommitted writes; ``WFSESSION_PENDING``
             by default.
-        :return: the sessions whose transactions were ended.
+        :return: the sessions whose transactions were ended (held ones are
+            not among them).
         :raise PendingChangesError: pending writes under ``"raise"``.
+        :raise SettingError: ``pending`` is not one of the policies.
         """
+        policy = _settings.pending("release(pending=...)", pending)
         app, state = self._current("wfs.release()")
-        return self._release(app, state, pending, None)
+        return self._release(app, state, policy, None, "'release()'", user_frame)
 
     def _release(
-        self, app: Flask, state: _State, pending: Pending | None, step: str | None
+        self,
+        app: Flask,
+        state: _State,
+        pending: Pending | None,
+        step: str | None,
+        what: str,
+        where: t.Callable[[], str | None],
     ) -> list[orm.Session]:
         return release_sessions(
             app,
@@ -240,6 +253,8 @@ class WFSession:
             policy=pending or state.pending,
             expire=state.expire_on_release,
             step=step,
+            what=what,
+            where=where,
         )
 
     def spawn(
@@ -281,7 +296,7 @@ class WFSession:
 
 
 def _extension_of(app: Flask) -> tuple[WFSession, _State] | None:
-    ext = app.extensions.get(_EXTENSION_KEY)
+    ext = getattr(app, "extensions", {}).get(_EXTENSION_KEY)
     if not isinstance(ext, WFSession):
         return None
     state = ext._app_state.get(app)
@@ -289,33 +304,46 @@ def _extension_of(app: Flask) -> tuple[WFSession, _State] | None:
 
 
 def _after_request(response: Response) -> Response:
-    # The common case first: this runs on every request. A file response
-    # (direct passthrough) holds no session and is left to the server.
-    if not response.is_streamed or response.direct_passthrough:
+    # Only a body that is really a generator is a stream to release around.
+    # Error responses (abort(), 404) are "streamed" to Werkzeug too, and a
+    # file response (direct passthrough) holds no session: both keep the
+    # normal teardown. This runs on every request: the cheap test first.
+    if not isinstance(response.response, types.GeneratorType) or response.direct_passthrough:
         return response
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     found = _extension_of(app)
     if found is None or not found[1].release_streams:
         return response
     ext, state = found
+    endpoint = request.endpoint if has_request_context() else None
+    what = f"the streamed response of {endpoint!r}" if endpoint else "a streamed response"
 
     def release() -> None:
         if has_app_context() and current_app._get_current_object() is app:  # type: ignore[attr-defined]
-            ext._release(app, state, None, None)
+            ext._release(app, state, None, None, what, lambda: None)
 
     return wrap_streamed(response, release)
 
 
+def _real_app(sender: t.Any) -> t.Any:
+    """The app behind ``current_app`` when a sender passes the proxy."""
+    get = getattr(sender, "_get_current_object", None)
+    return get() if get is not None else sender
+
+
 @signals.long_running_started.connect
-def _on_step_started(app: Flask, *, step: str, pending: Pending | None = None, **_: t.Any) -> None:
+def _on_step_started(sender: t.Any, *, step: str, pending: t.Any = None, **_: t.Any) -> None:
+    app = _real_app(sender)
     found = _extension_of(app)
     if found is not None:
         ext, state = found
-        ext._release(app, state, pending, step)
+        policy = _settings.pending("pending", pending)
+        # Released first: if that raises, the step is not entered.
+        ext._release(app, state, policy, step, f"the long-running step {step!r}", user_frame)
         enter_step(step, state.guard)
 
 
 @signals.long_running_finished.connect
-def _on_step_finished(app: Flask, **_: t.Any) -> None:
-    if _extension_of(app) is not None:
+def _on_step_finished(sender: t.Any, **_: t.Any) -> None:
+    if _extension_of(_real_app(sender)) is not None:
         exit_step()

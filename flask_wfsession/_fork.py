@@ -1,8 +1,16 @@
-"""Fork safety: a child process never reuses its parent's pooled connections.
+"""Fork safety: a child process never uses its parent's connections.
 
-After ``fork`` (gunicorn ``--preload``, ``multiprocessing``, Celery prefork),
-the child's copy of each managed engine's pool is replaced by an empty one,
-without closing the parent's connections (``Engine.dispose(close=False)``).
+After ``fork`` (gunicorn ``--preload``, ``multiprocessing``, Celery prefork):
+
+* each managed engine's pool is replaced by an empty one, without closing
+  the parent's connections (``Engine.dispose(close=False)``);
+* a session that held a connection at the fork is cut off from it without a
+  byte sent on the parent's socket. If its transaction had written (the
+  database is asked in the parent, just before the fork), the writes belong
+  to the parent: using the session in the child raises
+  :class:`~flask_wfsession.CrossThreadSessionError` until it is rolled back.
+  Otherwise it is rolled back in the child, keeping unflushed changes, and
+  its next use takes a new connection.
 """
 
 from __future__ import annotations
@@ -13,7 +21,13 @@ import weakref
 
 import sqlalchemy as sa
 
+from . import _registry
+from ._database import connections, session_touched
+from ._guard import FORKED
+from ._release import _end_keeping_unflushed
+
 _engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_WROTE = "flask_wfsession.wrote_before_fork"  # Session.info, set in the parent
 
 
 def manage(engine: sa.Engine) -> None:
@@ -30,5 +44,49 @@ def dispose_pools(engines: t.Iterable[sa.Engine] | None = None) -> None:
         engine.dispose(close=False)
 
 
+def _before_fork() -> None:
+    # Only this thread's sessions can be asked safely (others may be running
+    # a statement), and only they can go on being used in the child.
+    for session in _registry.in_this_thread():
+        try:
+            session.info[_WROTE] = session_touched(session, locks=False)
+        except Exception:
+            session.info[_WROTE] = True
+
+
+def _forget_connection(connection: sa.Connection) -> None:
+    """Cut ``connection`` off from its DBAPI connection without closing it.
+
+    As in SQLAlchemy's recipe for pools after fork: once the pool's record has
+    forgotten the DBAPI connection, invalidating closes nothing, and the
+    driver's own finaliser does not close a connection made in another
+    process (psycopg checks the pid; PyMySQL only drops the socket).
+    """
+    record = connection.connection._connection_record
+    record.dbapi_connection = None
+    connection.invalidate()
+
+
+def _after_fork_in_child() -> None:
+    _registry.reset_after_fork()
+    for session, _ in _registry.all_holding():
+        for connection in connections(session):
+            _forget_connection(connection)
+        if session.info.pop(_WROTE, True):
+            session.info[FORKED] = os.getppid()
+        else:
+            _end_keeping_unflushed(session, session.rollback, expire=False)
+    dispose_pools()
+
+
+def _after_fork_in_parent() -> None:
+    for session in _registry.in_this_thread():
+        session.info.pop(_WROTE, None)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=dispose_pools)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_child=_after_fork_in_child,
+        after_in_parent=_after_fork_in_parent,
+    )

@@ -42,10 +42,10 @@ class FlaskSQLAlchemyScoped:
         return None
 
     def close(self, session: orm.Session) -> None:
-        # Nothing to do: db's own teardown runs right after ours (init_app
-        # order is enforced) and closes and removes it. Closing twice is not
-        # free: every close() builds a new identity map.
-        pass
+        # db's own teardown runs right after ours (init_app order is
+        # enforced) and would remove it too, but only if nothing raised in
+        # between. remove() closes once; db's later remove() finds nothing.
+        self._scoped.remove()
 
 
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:

@@ -18,8 +18,9 @@ from types import TracebackType
 
 from flask import current_app, has_app_context
 
-from . import signals
-from ._release import Pending
+from . import _settings, signals
+from ._guard import step_var
+from ._settings import Pending
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -27,21 +28,34 @@ R = t.TypeVar("R")
 
 @contextlib.contextmanager
 def _step(name: str, pending: Pending | None) -> t.Iterator[None]:
+    """Send the signals around a step's body.
+
+    The step mark the extension's receivers set is this thread's or task's
+    state, so it is restored here whatever any receiver does: a receiver that
+    raises fails this step only, never the steps and requests that follow.
+    ``long_running_finished`` is sent whenever ``long_running_started`` was,
+    with the exception if a receiver of ``started`` raised.
+    """
     if not has_app_context():
         yield
         return
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    signals.long_running_started.send(app, step=name, pending=pending)
+    outer = step_var.get()
     started = time.perf_counter()
     error: BaseException | None = None
     try:
+        signals.long_running_started.send(app, step=name, pending=pending)
+        started = time.perf_counter()
         yield
     except BaseException as e:
         error = e
         raise
     finally:
-        duration = time.perf_counter() - started
-        signals.long_running_finished.send(app, step=name, duration=duration, exception=error)
+        try:
+            duration = time.perf_counter() - started
+            signals.long_running_finished.send(app, step=name, duration=duration, exception=error)
+        finally:
+            step_var.set(outer)
 
 
 def _wrap_generator(func: t.Any, name: str, pending: Pending | None) -> t.Any:
@@ -105,7 +119,7 @@ class LongRunning:
 
     def __init__(self, step: str | None = None, pending: Pending | None = None) -> None:
         self.step = step
-        self.pending: Pending | None = pending
+        self.pending: Pending | None = _settings.pending("long_running(pending=...)", pending)
         self._active: list[contextlib.AbstractContextManager[None]] = []
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
@@ -166,9 +180,12 @@ def long_running(
 
     Before the step runs, every session of the current app context and thread
     has its transaction ended and its connection returned to the pool; loaded
-    objects stay attached and readable. Pending writes follow ``pending``.
-    While the body runs, using those sessions raises
-    :class:`~flask_wfsession.StepGuardError`. Outside an app context this does
+    objects stay attached and readable, and unflushed changes stay in the
+    session. A session whose transaction wrote or locked rows follows
+    ``pending``; by default (``"hold"``) it keeps its connection through the
+    step and this is reported. While the body runs, using a session made
+    before it warns (:class:`~flask_wfsession.StepGuardWarning`), or raises
+    with ``WFSESSION_GUARD = "raise"``. Outside an app context this does
     nothing.
 
     .. code-block:: python
@@ -185,9 +202,11 @@ def long_running(
     :param step: the step's name, sent with the signals; by default the
         decorated function's qualified name, or ``"long-running"`` for a
         ``with`` block.
-    :param pending: what to do with uncommitted writes: ``"raise"``
+    :param pending: what to do with a session whose transaction wrote:
+        ``"hold"`` its connection through the step and report it, ``"raise"``
         :class:`~flask_wfsession.PendingChangesError`, ``"commit"`` them or
         ``"rollback"`` and report them. Defaults to ``WFSESSION_PENDING``.
+    :raise SettingError: ``pending`` is not one of these.
     """
     if callable(step):
         return LongRunning()(step)

@@ -1,27 +1,99 @@
 """Ending sessions' transactions so their connections go back to the pool.
 
-Releasing keeps every loaded object attached and readable: a read-only
-transaction is ended by a commit with ``expire_on_commit`` switched off for
-that one call (a rollback would expire everything and make the next attribute
-access query again). Pending writes are handled by the policy, all sessions
-checked before any is touched, so a refusal changes nothing.
+For each session with an open transaction, the database is asked whether the
+transaction wrote or locked rows (``_database``), and the session lists its
+unflushed changes. Then, by policy:
+
+==============================  =========  =======  ========  ==========
+the transaction                 ``hold``   raise    commit    rollback
+==============================  =========  =======  ========  ==========
+read only, nothing unflushed    released   released released  released
+read only, changes unflushed    released*  raises   commits   rolls back
+wrote or locked rows            held       raises   commits   rolls back
+==============================  =========  =======  ========  ==========
+
+\\* the changes stay in the session, in memory, and are flushed after the
+step as they would have been. *Held* means the session keeps its transaction
+and connection through the step, exactly as without the extension, and this
+is reported. A session inside an open ``session.begin()`` block is never
+ended (held, or raises under ``"raise"``); one inside a ``wfs.detached()``
+block is never committed or rolled back (``"commit"`` and ``"rollback"``
+hold it), so neither block is split.
+
+Every session is planned before any is touched, so a refusal changes
+nothing. Reports go out last, after the sessions are in their final state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import typing as t
 
+import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
-from . import signals
-from ._errors import PendingChangesError
-from ._pending import describe_pending, report_discarded
+from . import _report, signals
+from ._database import SENT, session_touched
+from ._errors import HeldConnectionWarning, PendingChangesError
+from ._pending import SENT_WRITES, report_discarded, unflushed
+from ._settings import Pending
 
 if t.TYPE_CHECKING:
     from flask import Flask
 
-Pending = t.Literal["raise", "commit", "rollback"]
-PENDING_POLICIES: tuple[Pending, ...] = ("raise", "commit", "rollback")
+DETACHED_BLOCK = "flask_wfsession.detached_block"  # Session.info: inside 'wfs.detached()'
+_HELD_REPORTED = "flask_wfsession.held_reported"  # Session.info: steps already reported
+
+Action = t.Literal["release", "hold", "raise", "commit", "rollback", "lost"]
+
+
+@dataclasses.dataclass
+class _Plan:
+    session: orm.Session
+    changes: list[str]  # unflushed, then what the database reports
+    block: str | None  # the open block that must not be split
+    dead: bool = False  # the connection died; the server rolled back
+    action: Action = "release"
+
+
+def _open_block(session: orm.Session) -> tuple[str | None, bool]:
+    """The block ``session`` is in, and whether its transaction can end at all."""
+    tx = session.get_transaction()
+    if tx is not None and (
+        tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN or session.in_nested_transaction()
+    ):
+        return "an open 'session.begin()' or 'session.begin_nested()' block", False
+    if session.info.get(DETACHED_BLOCK):
+        return "an open 'wfs.detached()' block", True
+    return None, True
+
+
+def _plan(session: orm.Session, policy: Pending) -> _Plan:
+    block, can_end = _open_block(session)
+    plan = _Plan(session, unflushed(session), block)
+    if not can_end:
+        plan.action = "raise" if policy == "raise" else "hold"
+        return plan
+    try:
+        touched = session_touched(session, locks=True)
+    except sa.exc.DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        plan.dead = True
+        plan.action = "lost" if session.info.get(SENT) else "release"
+        return plan
+    if touched:
+        plan.changes.append(SENT_WRITES)
+    if not plan.changes:
+        plan.action = "release"
+    elif policy == "raise":
+        plan.action = "raise"
+    elif policy == "hold" or block is not None:
+        plan.action = "hold" if touched else "release"
+    else:
+        plan.action = policy
+    return plan
 
 
 def _commit_keep_loaded(session: orm.Session) -> None:
@@ -33,9 +105,54 @@ def _commit_keep_loaded(session: orm.Session) -> None:
         session.expire_on_commit = expire
 
 
-def _refuse(what: str, problem: str, advice: str) -> t.NoReturn:
-    raise PendingChangesError(
-        f"Cannot release the database connection before {what}: {problem} {advice}"
+def _end_keeping_unflushed(session: orm.Session, end: t.Callable[[], None], expire: bool) -> None:
+    """Run ``end`` (a commit of a read-only transaction, or a rollback of a dead one)
+    while the session's unflushed changes wait outside it, then put them back.
+
+    SQLAlchemy keeps an object's attribute history on the object, so a changed
+    object taken out and added back is still changed, and the final flush
+    writes exactly what it would have. New objects keep their insert order.
+    """
+    new = sorted(session.new, key=lambda o: sa.inspect(o).insert_order or 0)
+    dirty, deleted = list(session.dirty), list(session.deleted)
+    carried = [*new, *dirty, *deleted]
+    if not carried:
+        end()
+        if expire:
+            session.expire_all()
+        return
+    order = {id(o): sa.inspect(o).insert_order for o in new}
+    carried_ids = {id(o) for o in carried}
+    before = list(session.identity_map.values())
+    for obj in carried:
+        if sa.inspect(obj).session is session:  # not already taken out by a cascade
+            session.expunge(obj)
+    # Clean objects an expunge cascade took along come back unchanged.
+    cascaded = [o for o in before if sa.inspect(o).session is None and id(o) not in carried_ids]
+    end()
+    session.add_all(cascaded)
+    if expire:
+        session.expire_all()
+    session.add_all(dirty + new + deleted)
+    for obj in deleted:
+        session.delete(obj)
+    for obj in new:
+        sa.inspect(obj).insert_order = order[id(obj)]
+
+
+def _refusal(what: str, plans: list[_Plan]) -> PendingChangesError:
+    problems = [
+        f"{p.block} is open, and ending its transaction would split it"
+        if p.block and p.block.startswith("an open 'session.begin")
+        else f"uncommitted writes are pending ({'; '.join(p.changes)})"
+        for p in plans
+    ]
+    return PendingChangesError(
+        f"Cannot release the database connection before {what}: {'; '.join(problems)}."
+        " Commit first ('session.commit()') or end the block before the step, or choose"
+        " what happens with 'pending=\"hold\"' (keep the connection through the step),"
+        " 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
+        " 'WFSESSION_PENDING' for the app)."
     )
 
 
@@ -46,47 +163,106 @@ def release_sessions(
     policy: Pending,
     expire: bool,
     step: str | None,
+    what: str,
+    where: t.Callable[[], str | None],
 ) -> list[orm.Session]:
-    """End the transactions of ``sessions``; return those that were released.
+    """End the transactions of ``sessions`` by ``policy``; return those released.
 
-    :raise PendingChangesError: a session is inside an explicit
-        ``session.begin()`` block, or has pending writes under ``"raise"``.
+    :param step: the step's name, sent with the signals.
+    :param what: the step, for messages: ``"the long-running step 'llm'"``.
+    :param where: returns where the step was entered (``file:line``), for
+        reports; called only when there is something to report.
+    :raise PendingChangesError: under ``"raise"``, pending writes or an open
+        ``session.begin()`` block; under any policy, writes sent on a
+        connection that died.
     """
-    what = f"the long-running step {step!r}" if step else "'release()'"
-    plan = [(s, describe_pending(s)) for s in sessions]
-    for session, _ in plan:
-        tx = session.get_transaction()
-        explicit = tx is not None and tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN
-        if explicit or session.in_nested_transaction():
-            _refuse(
-                what,
-                "a 'session.begin()' or 'session.begin_nested()' block is still open,"
-                " and ending its transaction would break it.",
-                "Start the slow step after the block ends, or before it begins.",
-            )
-    if policy == "raise":
-        pending = [change for _, changes in plan for change in changes]
-        if pending:
-            _refuse(
-                what,
-                f"uncommitted writes are pending ({'; '.join(pending)}).",
-                "Commit first ('session.commit()'), or choose what happens to them with"
-                " 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
-                " 'WFSESSION_PENDING' for the app).",
-            )
+    plans = [_plan(s, policy) for s in sessions if s.in_transaction()]
+    refused = [p for p in plans if p.action == "raise"]
+    if refused:
+        raise _refusal(what, refused)
     released = []
-    for session, changes in plan:
-        if session.get_transaction() is None and not changes:
-            continue
-        if changes and policy == "rollback":
-            session.rollback()
-            report_discarded(app, session, changes, reason=f"released for {what}")
-            action = "rolled-back"
-        else:
+    for plan in plans:
+        session = plan.session
+        if plan.action == "release":
+            end = session.rollback if plan.dead else functools.partial(_commit_keep_loaded, session)
+            _end_keeping_unflushed(session, end, expire)
+        elif plan.action == "commit":
             _commit_keep_loaded(session)
-            action = "committed" if changes else "released"
-        if expire:
-            session.expire_all()
-        released.append(session)
-        signals.session_released.send(app, session=session, step=step, action=action)
+        elif plan.action in ("rollback", "lost"):
+            session.rollback()
+        if plan.action != "hold":
+            released.append(session)
+            if expire and plan.action != "release":
+                session.expire_all()
+    _report_plans(app, plans, step, what, where)
+    lost = [p for p in plans if p.action == "lost"]
+    if lost:
+        raise PendingChangesError(
+            f"The database connection died before {what}, and the server rolled back"
+            " writes this session had already sent in its transaction. They are lost;"
+            " the step did not run. Redo the unit of work. ('pool_pre_ping=True' in the"
+            " engine options finds such connections before they are used.)"
+        )
     return released
+
+
+_ACTIONS = {
+    "release": "released",
+    "commit": "committed",
+    "rollback": "rolled-back",
+    "lost": "rolled-back",
+    "hold": "held",
+}
+
+
+def _report_plans(
+    app: Flask,
+    plans: list[_Plan],
+    step: str | None,
+    what: str,
+    where: t.Callable[[], str | None],
+) -> None:
+    """Send each plan's signal and reports; re-raise a receiver's error at the end."""
+    error: BaseException | None = None
+    for plan in plans:
+        try:
+            _report_plan(app, plan, step, what, where)
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+def _report_plan(
+    app: Flask, plan: _Plan, step: str | None, what: str, where: t.Callable[[], str | None]
+) -> None:
+    session = plan.session
+    _report.send(
+        signals.session_released,
+        app,
+        reraise=True,
+        session=session,
+        step=step,
+        action=_ACTIONS[plan.action],
+    )
+    if plan.action == "rollback":
+        report_discarded(app, session, plan.changes, f"released for {what}", reraise=True)
+    elif plan.action == "lost":
+        changes = [*plan.changes, "writes sent in the transaction"]
+        report_discarded(app, session, changes, f"connection lost before {what}", reraise=True)
+    elif plan.action == "hold":
+        reported: set[str] = session.info.setdefault(_HELD_REPORTED, set())
+        if what in reported:
+            return
+        reported.add(what)
+        site = where()
+        _report.warn(
+            f"Held a database connection through {what}"
+            f"{f' (entered at {site})' if site else ''}: the session has"
+            f" {'; '.join(plan.changes) or 'nothing pending'}"
+            f"{f', inside {plan.block}' if plan.block else ''}. Ending its transaction"
+            " would commit or drop them, so it keeps its connection for the whole step."
+            " Commit before the step to free the connection.",
+            HeldConnectionWarning,
+            stacklevel=4,
+        )

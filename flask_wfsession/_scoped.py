@@ -33,7 +33,7 @@ class ScopedSource(t.Protocol):
         """The current context's session if one was made, else ``None``."""
 
     def close(self, session: orm.Session) -> None:
-        """Close the current context's ``session`` and forget it."""
+        """Close the current context's ``session``, returning its connection, and forget it."""
 
 
 class ContextScoped:
@@ -59,13 +59,19 @@ class ContextScoped:
 
 
 def teardown(app: Flask, scoped: ScopedSource) -> None:
-    """Report writes the context's session never committed, then close it."""
+    """Close the context's session, then report writes it never committed.
+
+    The session is closed whatever happens (a failing question to the
+    database, a receiver of the report that raises), so its connection always
+    goes back to the pool. A receiver's error is logged, not raised: the
+    request is over.
+    """
     session = scoped.peek()
     if session is None:
         return
     try:
-        changes = describe_pending(session)
-        if changes:
-            report_discarded(app, session, changes, reason="app context teardown")
+        changes = describe_pending(session) if session.in_transaction() else []
     finally:
         scoped.close(session)
+    if changes:
+        report_discarded(app, session, changes, "app context teardown", reraise=False)

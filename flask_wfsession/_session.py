@@ -55,9 +55,14 @@ class Session(orm.Session):
 _hooks.install(Session)
 
 
+def made_for(session: orm.Session, engines: t.Mapping[str | None, sa.Engine]) -> bool:
+    """Whether ``session`` was made by the sessionmaker built for ``engines``."""
+    return getattr(session, "_wfs_engines", None) is engines
+
+
 def make_sessionmaker(
     engines: t.Mapping[str | None, sa.Engine], options: t.Mapping[str, t.Any]
 ) -> orm.sessionmaker[Session]:
-    """Build the sessionmaker for one app's ``engines`` with ``options``."""
+    """Build the sessionmaker for one app's ``engines`` (kept by identity) with ``options``."""
     options = {"bind": engines.get(None), **options}
-    return orm.sessionmaker(class_=Session, engines=dict(engines), **options)
+    return orm.sessionmaker(class_=Session, engines=engines, **options)

@@ -2,7 +2,8 @@
 
 Every test using ``app`` runs on SQLite (a file), PostgreSQL and MariaDB. An
 unreachable server is an error, never a skip. ``WFSESSION_TEST_BACKENDS``
-(comma-separated) narrows the list for a quick local run.
+(comma-separated) narrows the list for a quick local run;
+``WFSESSION_TEST_DATABASE`` picks another (existing) database on both servers.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from flask_wfsession import WFSession
 
 from .models import Base, Conversation
 
+# WFSESSION_TEST_DATABASE names another database on both servers, so that
+# two runs on one machine do not drop each other's tables.
+_DATABASE = os.environ.get("WFSESSION_TEST_DATABASE", "test")
 SERVERS = {
-    "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
-    "mysql": "mysql+pymysql://root@127.0.0.1:3306/test",
+    "postgresql": f"postgresql+psycopg://postgres@127.0.0.1:5432/{_DATABASE}",
+    "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{_DATABASE}",
 }
 BACKENDS = os.environ.get("WFSESSION_TEST_BACKENDS", "sqlite,postgresql,mysql").split(",")
 # A tiny pool makes a held connection visible: a third checkout times out.

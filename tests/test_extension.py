@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_wfsession import NoAppContextError, SetupError, WFSession
+from flask_wfsession import NoAppContextError, SettingError, SetupError, WFSession
 
 from .conftest import Setup
 from .models import Conversation
@@ -50,13 +50,48 @@ def test_db_must_be_initialised_first(uri: str) -> None:
 def test_config_value_out_of_range(uri: str, key: str, value: str) -> None:
     app = Flask(__name__)
     app.config.update(WFSESSION_DATABASE_URI=uri, **{key: value})
-    with pytest.raises(SetupError, match=f"'{key}' is '{value}'"):
+    with pytest.raises(SettingError, match=f"'{key}' is '{value}'; it must be one of"):
+        WFSession(app)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("WFSESSION_PENDING", "Raise"), ("WFSESSION_PENDING", "comit"), ("WFSESSION_GUARD", None)],
+)
+def test_a_misspelled_policy_is_refused(uri: str, key: str, value: object) -> None:
+    app = Flask(__name__)
+    app.config.update(WFSESSION_DATABASE_URI=uri, **{key: value})
+    with pytest.raises(SettingError, match=f"'{key}' is {value!r}"):
+        WFSession(app)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[("false", False), ("0", False), ("no", False), ("Off", False), (0, False)],
+        *[("true", True), ("1", True), ("YES", True), (True, True), (1, True)],
+    ],
+)
+def test_booleans_from_environment_strings(uri: str, value: object, expected: bool) -> None:
+    app = Flask(__name__)
+    app.config.update(WFSESSION_DATABASE_URI=uri, WFSESSION_EXPIRE_ON_RELEASE=value)
+    WFSession(app)
+    state = app.extensions["wfsession"]._app_state[app]
+    assert state.expire_on_release is expected
+    state.engines[None].dispose()
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, "", None])
+def test_a_boolean_that_is_not_one_is_refused(uri: str, value: object) -> None:
+    app = Flask(__name__)
+    app.config.update(WFSESSION_DATABASE_URI=uri, WFSESSION_RELEASE_STREAMS=value)
+    with pytest.raises(SettingError, match=r"'WFSESSION_RELEASE_STREAMS' is .* must be a boolean"):
         WFSession(app)
 
 
 def test_defaults_published_in_config(app: Flask) -> None:
-    assert app.config["WFSESSION_PENDING"] == "raise"
-    assert app.config["WFSESSION_GUARD"] == "raise"
+    assert app.config["WFSESSION_PENDING"] == "hold"
+    assert app.config["WFSESSION_GUARD"] == "warn"
     assert app.config["WFSESSION_EXPIRE_ON_RELEASE"] is False
     assert app.config["WFSESSION_RELEASE_STREAMS"] is True
 

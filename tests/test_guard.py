@@ -13,6 +13,12 @@ from .conftest import Setup, checked_out
 from .models import Conversation
 
 
+@pytest.fixture
+def setup(make: t.Callable[..., Setup]) -> Setup:
+    """Strict, as in tests and new code: the default ("warn") is below."""
+    return make(WFSESSION_GUARD="raise")
+
+
 def test_scoped_session_in_a_step_raises(setup: Setup) -> None:
     with setup.app.app_context():
         with long_running("llm"), pytest.raises(StepGuardError) as info:
@@ -83,8 +89,9 @@ def test_generator_step_guarded_only_while_producing(setup: Setup) -> None:
             next(gen)
 
 
-def test_warn_mode_warns_and_proceeds(make: t.Callable[..., Setup]) -> None:
-    setup = make(WFSESSION_GUARD="warn")
+def test_warn_mode_is_the_default_and_proceeds(make: t.Callable[..., Setup]) -> None:
+    setup = make()
+    assert setup.app.config["WFSESSION_GUARD"] == "warn"
     with setup.app.app_context():
         with long_running("llm"), pytest.warns(StepGuardWarning, match="'llm'"):
             assert setup.wfs.session.execute(sa.text("SELECT 1")).scalar() == 1

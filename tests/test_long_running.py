@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import typing as t
+from contextlib import nullcontext
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from flask_wfsession import PendingChangesError, WFSession, long_running, signals
+from flask_wfsession import (
+    DiscardedWritesWarning,
+    HeldConnectionWarning,
+    PendingChangesError,
+    SettingError,
+    WFSession,
+    long_running,
+    signals,
+)
 
 from .conftest import Setup, checked_out, idle_in_transaction
 from .models import Conversation, Message
@@ -75,14 +84,16 @@ PENDING_WRITES: dict[str, t.Callable[[Setup, int], None]] = {
         sa.insert(Conversation.__table__).values(title="core")  # type: ignore[arg-type]
     ),
 }
+SENT = "writes already sent in the open transaction (the database says so)"
 DESCRIBED = {
     "new": "new Conversation (not yet inserted)",
     "changed": "changed Conversation",
     "deleted": "deleted Conversation",
-    "flushed": "flushed, not committed: new Conversation",
-    "raw SQL": "sent, not committed: UPDATE wfs_test_conversation",
-    "Core": "sent, not committed: INSERT INTO wfs_test_conversation",
+    "flushed": SENT,
+    "raw SQL": SENT,
+    "Core": SENT,
 }
+UNFLUSHED = ("new", "changed", "deleted")
 
 
 def titles(setup: Setup) -> list[str]:
@@ -91,7 +102,31 @@ def titles(setup: Setup) -> list[str]:
 
 
 @pytest.mark.parametrize("write", PENDING_WRITES)
-def test_pending_writes_raise_by_default(setup: Setup, conversation_id: int, write: str) -> None:
+def test_pending_writes_are_held_or_kept_by_default(
+    setup: Setup, conversation_id: int, write: str
+) -> None:
+    """The default changes nothing the app would see: the same rows at the end.
+
+    Unflushed changes need no connection: they wait in the session and the
+    connection goes back. Writes already sent keep theirs, reported.
+    """
+    with setup.app.app_context():
+        PENDING_WRITES[write](setup, conversation_id)
+        expected = titles_after_commit(setup, flush=write not in UNFLUSHED)
+        held = []
+        with pytest.warns(HeldConnectionWarning) if write not in UNFLUSHED else nullcontext():
+            with long_running("llm"):
+                held.append(checked_out(setup.engine))
+        setup.wfs.session.commit()
+    assert held == [0 if write in UNFLUSHED else 1]
+    assert titles(setup) == expected
+
+
+@pytest.mark.parametrize("write", PENDING_WRITES)
+def test_pending_writes_raise_under_the_raise_policy(
+    make: t.Callable[..., Setup], conversation_id: int, write: str
+) -> None:
+    setup = make(WFSESSION_PENDING="raise")
     ran = []
     with setup.app.app_context():
         PENDING_WRITES[write](setup, conversation_id)
@@ -102,7 +137,7 @@ def test_pending_writes_raise_by_default(setup: Setup, conversation_id: int, wri
     message = str(info.value)
     assert DESCRIBED[write] in message
     assert "long-running step 'llm'" in message
-    assert "session.commit()" in message and 'pending="commit"' in message
+    assert "session.commit()" in message and 'pending="hold"' in message
     assert titles(setup) == ["hello"]
 
 
@@ -116,11 +151,23 @@ def test_pending_commit_policy_commits(setup: Setup, conversation_id: int, write
     assert titles(setup) == expected
 
 
-def titles_after_commit(setup: Setup) -> list[str]:
-    """What the table will hold once the current scoped session commits."""
+def titles_after_commit(setup: Setup, *, flush: bool = True) -> list[str]:
+    """What the table will hold once the current scoped session commits.
+
+    Without ``flush``, computed without sending anything: from the table as it
+    is and the session's unflushed changes.
+    """
     session = setup.wfs.session
-    session.flush()
-    return sorted(session.scalars(sa.select(Conversation.title)))
+    if flush:
+        session.flush()
+        return sorted(session.scalars(sa.select(Conversation.title)))
+    with setup.wfs.detached() as other:
+        rows = {c.id: c.title for c in other.scalars(sa.select(Conversation))}
+    for obj in session.deleted:
+        rows.pop(obj.id)
+    for obj in session.dirty:
+        rows[obj.id] = obj.title
+    return sorted([*rows.values(), *(o.title for o in session.new)])
 
 
 @pytest.mark.parametrize("write", PENDING_WRITES)
@@ -129,7 +176,7 @@ def test_pending_rollback_policy_discards_and_reports(
 ) -> None:
     reports: list[dict[str, t.Any]] = []
     with signals.session_discarded.connected_to(lambda app, **kw: reports.append(kw), setup.app):
-        with setup.app.app_context():
+        with setup.app.app_context(), pytest.warns(DiscardedWritesWarning):
             PENDING_WRITES[write](setup, conversation_id)
             with long_running("llm", pending="rollback"):
                 assert checked_out(setup.engine) == 0
@@ -146,6 +193,21 @@ def test_app_default_policy(make: t.Callable[..., Setup]) -> None:
         with long_running("llm"):
             pass
     assert titles(setup) == ["committed by policy"]
+
+
+@pytest.mark.parametrize("policy", ["Raise", "comit", "", 1])
+def test_a_misspelled_policy_is_refused_where_it_is_given(setup: Setup, policy: t.Any) -> None:
+    with pytest.raises(SettingError, match=r"long_running\(pending=...\) is .* 'hold', 'raise'"):
+        long_running("llm", pending=policy)
+    with setup.app.app_context():
+        setup.wfs.session.add(Conversation(title="x"))
+        with pytest.raises(SettingError, match=r"release\(pending=...\) is"):
+            setup.wfs.release(pending=policy)
+        with pytest.raises(SettingError, match="pending is"):
+            signals.long_running_started.send(setup.app, step="by hand", pending=policy)
+        assert setup.wfs.session.new  # nothing was committed or dropped
+        setup.wfs.session.rollback()
+    assert titles(setup) == []
 
 
 def test_per_step_policy_overrides_app_default(make: t.Callable[..., Setup]) -> None:
@@ -172,23 +234,39 @@ def test_read_only_release_is_silent(setup: Setup) -> None:
     assert discarded == []
 
 
-def test_explicit_begin_block_is_refused(setup: Setup) -> None:
+def test_explicit_begin_block_is_held_whole(setup: Setup) -> None:
     with setup.app.app_context():
         with setup.wfs.session.begin():
-            with pytest.raises(PendingChangesError, match="after the block ends"):
+            setup.wfs.session.execute(sa.select(Conversation))
+            setup.wfs.session.add(Conversation(title="in the block"))
+            with pytest.warns(HeldConnectionWarning, match=r"'session.begin\(\)'"):
+                with long_running("llm"):
+                    assert checked_out(setup.engine) == 1
+        assert checked_out(setup.engine) == 0
+    assert titles(setup) == ["in the block"]
+
+
+def test_explicit_begin_block_is_refused_under_raise(make: t.Callable[..., Setup]) -> None:
+    setup = make(WFSESSION_PENDING="raise")
+    with setup.app.app_context():
+        with setup.wfs.session.begin():
+            with pytest.raises(PendingChangesError, match="end the block before the step"):
                 with long_running("llm"):
                     pass
         assert checked_out(setup.engine) == 0
 
 
-def test_open_savepoint_is_refused(setup: Setup) -> None:
+@pytest.mark.parametrize("policy", ["hold", "commit", "rollback"])
+def test_open_savepoint_is_never_split(setup: Setup, policy: t.Any) -> None:
     with setup.app.app_context():
-        setup.wfs.session.execute(sa.text("SELECT 1"))
+        setup.wfs.session.add(Conversation(title="outer"))
         with setup.wfs.session.begin_nested():
-            with pytest.raises(PendingChangesError, match=r"begin_nested\(\)"):
-                with long_running("llm"):
-                    pass
+            setup.wfs.session.add(Conversation(title="inner"))
+            with pytest.warns(HeldConnectionWarning, match=r"begin_nested\(\)"):
+                with long_running("llm", pending=policy):
+                    assert checked_out(setup.engine) == 1
         setup.wfs.session.rollback()
+    assert titles(setup) == []
 
 
 def test_detached_sessions_open_in_the_thread_are_released(setup: Setup) -> None:
@@ -280,7 +358,7 @@ def test_explicit_release(setup: Setup) -> None:
     with setup.app.app_context():
         setup.wfs.session.add(Conversation(title="kept"))
         with pytest.raises(PendingChangesError, match=r"before 'release\(\)'"):
-            setup.wfs.release()
+            setup.wfs.release(pending="raise")
         released = setup.wfs.release(pending="commit")
         assert released == [setup.wfs.session]
         assert checked_out(setup.engine) == 0

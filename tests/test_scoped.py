@@ -7,10 +7,12 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from flask_wfsession import NoAppContextError, WFSession, signals
+from flask_wfsession import DiscardedWritesWarning, NoAppContextError, WFSession, signals
 
 from .conftest import Setup, checked_out
 from .models import Conversation
+
+SENT = "writes already sent in the open transaction (the database says so)"
 
 
 def test_one_session_per_context(app: Flask, wfs: WFSession) -> None:
@@ -58,24 +60,39 @@ def test_view_commits_are_kept(app: Flask, wfs: WFSession) -> None:
 def test_uncommitted_writes_at_teardown_are_rolled_back_and_reported(
     app: Flask, wfs: WFSession, caplog: pytest.LogCaptureFixture
 ) -> None:
+    with wfs.detached(app) as session:
+        session.add(Conversation(title="kept"))
     reports = []
     with signals.session_discarded.connected_to(lambda app, **kw: reports.append(kw), app):
-        with app.app_context():
-            wfs.session.add(Conversation(title="forgotten"))
-        with app.app_context():
-            wfs.session.add(Conversation(title="flushed"))
-            wfs.session.flush()
-        with app.app_context():
-            wfs.session.execute(sa.text("DELETE FROM wfs_test_conversation"))
-    assert [r["reason"] for r in reports] == ["app context teardown"] * 3
-    assert "new Conversation (not yet inserted)" in reports[0]["changes"]
-    assert reports[1]["changes"][0].startswith("flushed, not committed: new Conversation")
-    assert reports[2]["changes"][0].startswith("sent, not committed: DELETE FROM")
+        with pytest.warns(DiscardedWritesWarning) as warned:
+            with app.app_context():
+                wfs.session.add(Conversation(title="forgotten"))
+            with app.app_context():
+                wfs.session.add(Conversation(title="flushed"))
+                wfs.session.flush()
+            with app.app_context():
+                wfs.session.execute(sa.text("DELETE FROM wfs_test_conversation"))
+            with app.app_context():  # a write hidden in a "select": only the database knows
+                wfs.session.execute(
+                    sa.text("INSERT INTO wfs_test_conversation (title) VALUES ('t') RETURNING id")
+                    .columns(id=sa.Integer)
+                ).all()
+    assert [r["reason"] for r in reports] == ["app context teardown"] * 4
+    assert reports[0]["changes"] == ["new Conversation (not yet inserted)"]
+    assert [r["changes"] for r in reports[1:]] == [[SENT]] * 3
+    assert len(warned) == 4
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert "Discarded uncommitted writes" in warnings[0].getMessage()
     with wfs.detached(app) as session:
-        assert session.scalar(sa.select(sa.func.count()).select_from(Conversation)) == 0
+        assert session.scalars(sa.select(Conversation.title)).all() == ["kept"]
+
+
+def test_a_statement_that_wrote_nothing_is_not_reported(app: Flask, wfs: WFSession) -> None:
+    with app.app_context():
+        wfs.session.execute(sa.text("DELETE FROM wfs_test_conversation WHERE id = -1"))
+        wfs.session.execute(sa.update(Conversation).where(Conversation.id == -1).values(title="x"))
+    # filterwarnings = error: a DiscardedWritesWarning would fail this test.
 
 
 def test_read_only_teardown_is_silent(app: Flask, wfs: WFSession) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typing as t
 
+import pytest
 import sqlalchemy as sa
-from flask import Response, stream_with_context
+from flask import Response, abort, stream_with_context
 
-from flask_wfsession import long_running
+from flask_wfsession import DiscardedWritesWarning, long_running, signals
 
 from .conftest import Setup, checked_out
 from .models import Conversation
@@ -66,15 +67,55 @@ def test_abandoned_stream_closes_its_sessions(setup: Setup, conversation_id: int
     assert checked_out(setup.engine) == 0
 
 
-def test_pending_writes_before_a_stream_are_refused(setup: Setup) -> None:
-    setup.app.config["PROPAGATE_EXCEPTIONS"] = False
-
+def add_uncommitted_stream_view(setup: Setup) -> None:
     @setup.app.get("/stream")
     def stream() -> Response:
         setup.wfs.session.add(Conversation(title="never committed"))
-        return Response(iter(["x"]))
 
-    assert setup.app.test_client().get("/stream").status_code == 500
+        def body() -> t.Iterator[str]:
+            yield "x"
+
+        return Response(body())
+
+
+def test_uncommitted_writes_before_a_stream_keep_the_response(setup: Setup) -> None:
+    """As without the extension: 200, nothing committed; the loss is reported."""
+    add_uncommitted_stream_view(setup)
+    with pytest.warns(DiscardedWritesWarning, match="new Conversation"):
+        response = setup.app.test_client().get("/stream")
+    assert (response.status_code, response.data) == (200, b"x")
+    with setup.wfs.detached(setup.app) as session:
+        assert session.scalars(sa.select(Conversation)).all() == []
+
+
+def test_uncommitted_writes_before_a_stream_are_refused_when_strict(
+    make: t.Callable[..., Setup],
+) -> None:
+    setup = make(WFSESSION_PENDING="raise")
+    setup.app.config["PROPAGATE_EXCEPTIONS"] = False
+    add_uncommitted_stream_view(setup)
+    with pytest.warns(DiscardedWritesWarning):
+        assert setup.app.test_client().get("/stream").status_code == 500
+    with setup.wfs.detached(setup.app) as session:
+        assert session.scalars(sa.select(Conversation)).all() == []
+
+
+@pytest.mark.parametrize("status", [400, 404, 500])
+def test_error_responses_are_not_streams(make: t.Callable[..., Setup], status: int) -> None:
+    """abort() bodies look streamed to Werkzeug; they keep the normal teardown."""
+    setup = make(WFSESSION_PENDING="commit")
+    setup.app.config["PROPAGATE_EXCEPTIONS"] = False
+    released: list[object] = []
+
+    @setup.app.post("/fail")
+    def fail() -> str:
+        setup.wfs.session.add(Conversation(title="of a failed request"))
+        abort(status)
+
+    with signals.session_released.connected_to(lambda app, **kw: released.append(kw)):
+        with pytest.warns(DiscardedWritesWarning, match="app context teardown"):
+            assert setup.app.test_client().post("/fail").status_code == status
+    assert released == []
     with setup.wfs.detached(setup.app) as session:
         assert session.scalars(sa.select(Conversation)).all() == []
 

@@ -11,7 +11,7 @@ import typing as t
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
-from flask import g, has_app_context, has_request_context
+from flask import copy_current_request_context, g, has_app_context, has_request_context
 
 from flask_wfsession import AttachedObjectError, CrossThreadSessionError, long_running
 
@@ -143,21 +143,45 @@ def test_scoped_session_used_from_another_thread_raises(setup: Setup) -> None:
         assert checked_out(setup.engine) == 1  # only the owner's connection
     assert isinstance(error, CrossThreadSessionError)
     message = str(error)
-    assert f"belongs to thread {threading.current_thread().name!r}" in message
-    assert "thread 'borrower' tried to run SQL" in message
+    owner = threading.current_thread().name
+    assert f"belongs to the app context of thread {owner!r}" in message
+    assert "thread 'borrower' tried to use it" in message
     assert "'wfs.spawn()'" in message and "'wfs.detached()'" in message
 
 
-def test_shared_app_context_does_not_share_the_session(setup: Setup) -> None:
-    """copy_current_request_context-style sharing: same context, another thread."""
-    with setup.app.app_context() as ctx:
-        setup.wfs.session.execute(sa.text("SELECT 1"))
+def test_scoped_session_used_from_another_app_context_raises(setup: Setup) -> None:
+    """A thread in an app context of its own may not use this context's session."""
+    with setup.app.app_context():
+        session = setup.wfs.session
+        session.execute(sa.text("SELECT 1"))
 
         def borrower() -> None:
-            with ctx:
-                setup.wfs.session.execute(sa.text("SELECT 2"))
+            with setup.app.app_context():
+                session.commit()
 
         assert isinstance(run_in_thread(borrower), CrossThreadSessionError)
+        session.execute(sa.text("SELECT 2"))  # still the owner's, still working
+
+
+def test_copy_current_request_context_gives_the_thread_its_own_session(setup: Setup) -> None:
+    """Flask's helper copies the request into a new app context: a new session."""
+    seen: dict[str, object] = {}
+
+    @setup.app.get("/")
+    def view() -> str:
+        seen["view"] = setup.wfs.session
+        setup.wfs.session.execute(sa.text("SELECT 1"))
+
+        @copy_current_request_context
+        def worker() -> None:
+            seen["worker"] = setup.wfs.session
+            setup.wfs.session.execute(sa.text("SELECT 2"))
+
+        assert run_in_thread(worker) is None
+        return "ok"
+
+    assert setup.app.test_client().get("/").status_code == 200
+    assert seen["worker"] is not seen["view"]
 
 
 def test_detached_session_handed_to_another_thread_raises(setup: Setup) -> None:

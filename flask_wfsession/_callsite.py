@@ -1,0 +1,66 @@
+"""Where in the user's code something happened, as ``"path/to/file.py:LINE"``.
+
+Reports name the first frame that is not in this package, SQLAlchemy, Flask,
+Werkzeug, blinker or the standard library's plumbing (``contextlib``,
+``threading``, ``asyncio``...). Only one frame is looked at per level, and
+only when a report is made: no traceback is ever built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import os
+import sys
+import threading
+import types
+import typing as t
+
+import blinker
+import flask
+import sqlalchemy
+import werkzeug
+
+
+def _where(module: t.Any) -> str:
+    path = os.path.abspath(str(module.__file__))
+    return os.path.dirname(path) + os.sep if path.endswith("__init__.py") else path
+
+
+_PLUMBING = tuple(
+    _where(m)
+    for m in (
+        sys.modules[__package__],
+        sqlalchemy,
+        flask,
+        werkzeug,
+        blinker,
+        asyncio,
+        concurrent.futures,
+        contextlib,
+        functools,
+        threading,
+    )
+) + tuple(
+    _where(sys.modules[name])
+    for name in ("asgiref", "gevent", "celery", "greenlet")
+    if name in sys.modules
+)
+
+
+def _shown(path: str) -> str:
+    cwd = os.getcwd() + os.sep
+    return path[len(cwd) :] if path.startswith(cwd) else path
+
+
+def user_frame(depth: int = 1) -> str | None:
+    """The first frame above the caller that is the user's code, as ``file:line``."""
+    frame: types.FrameType | None = sys._getframe(depth)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PLUMBING) and not filename.startswith("<frozen"):
+            return f"{_shown(filename)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
