@@ -147,11 +147,15 @@ def _refusal(what: str, plans: list[_Plan]) -> PendingChangesError:
         else f"uncommitted writes are pending ({'; '.join(p.changes)})"
         for p in plans
     ]
+    first = (
+        "End the block before the step starts"
+        if any(p.block for p in plans)
+        else "Commit first ('session.commit()')"
+    )
     return PendingChangesError(
         f"Cannot release the database connection before {what}: {'; '.join(problems)}."
-        " Commit first ('session.commit()') or end the block before the step, or choose"
-        " what happens with 'pending=\"hold\"' (keep the connection through the step),"
-        " 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
+        f" {first}, or choose what happens with 'pending=\"hold\"' (keep the connection"
+        " through the step), 'pending=\"commit\"' or 'pending=\"rollback\"' (per step, or"
         " 'WFSESSION_PENDING' for the app)."
     )
 

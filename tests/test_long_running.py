@@ -250,7 +250,7 @@ def test_explicit_begin_block_is_refused_under_raise(make: t.Callable[..., Setup
     setup = make(WFSESSION_PENDING="raise")
     with setup.app.app_context():
         with setup.wfs.session.begin():
-            with pytest.raises(PendingChangesError, match="end the block before the step"):
+            with pytest.raises(PendingChangesError, match="End the block before the step starts"):
                 with long_running("llm"):
                     pass
         assert checked_out(setup.engine) == 0
