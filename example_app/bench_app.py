@@ -57,6 +57,8 @@ def create_app(variant: str, database_url: str, step: float) -> Flask:
         **({"connect_args": connect_args} if database_url.startswith("postgresql") else {}),
     }
     db.init_app(app)
+    if "BENCH_IDLE_WARNING" in os.environ:  # to measure telemetry's cost
+        app.config["WFSESSION_IDLE_WARNING"] = os.environ["BENCH_IDLE_WARNING"]
     if variant == "wfsession":
         WFSession(app, db=db)
 

@@ -60,7 +60,14 @@ def user_frame(depth: int = 1) -> str | None:
     frame: types.FrameType | None = sys._getframe(depth)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_PLUMBING) and not filename.startswith("<frozen"):
+        plumbing = _is_plumbing.get(filename)
+        if plumbing is None:
+            # "<...>": generated code (SQLAlchemy's wrappers, frozen modules).
+            plumbing = _is_plumbing[filename] = filename.startswith((*_PLUMBING, "<"))
+        if not plumbing:
             return f"{_shown(filename)}:{frame.f_lineno}"
         frame = frame.f_back
     return None
+
+
+_is_plumbing: dict[str, bool] = {}

@@ -14,6 +14,7 @@ import weakref
 
 from ._errors import SetupError
 from ._fork import dispose_pools
+from ._telemetry import work_name
 
 if t.TYPE_CHECKING:
     import sqlalchemy as sa
@@ -48,16 +49,20 @@ def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> No
             return
         ctx = app.app_context()
         ctx.push()
-        stack: list[AppContext] = local.__dict__.setdefault("contexts", [])
-        stack.append(ctx)
+        named = work_name.set(getattr(sender, "name", None))
+        stack: list[tuple[AppContext, t.Any]] = local.__dict__.setdefault("contexts", [])
+        stack.append((ctx, named))
 
     def task_postrun(sender: t.Any = None, retval: t.Any = None, **_: t.Any) -> None:
         if sender is None or sender.app is not celery_app:
             return
-        ctx = local.contexts.pop()
+        ctx, named = local.contexts.pop()
         # Teardown rolls back what the task did not commit and reports it;
         # a failed or retried task hands its exception to the teardown.
-        ctx.pop(retval if isinstance(retval, BaseException) else None)
+        try:
+            ctx.pop(retval if isinstance(retval, BaseException) else None)
+        finally:
+            work_name.reset(named)
 
     def worker_process_init(**_: t.Any) -> None:
         dispose_pools(engines)

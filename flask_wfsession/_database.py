@@ -93,6 +93,16 @@ def connections(session: orm.Session) -> list[sa.Connection]:
     return list(session.info.get(CONNECTIONS, ()))
 
 
+def invalidated(session: orm.Session) -> bool:
+    """Whether a connection of ``session``'s transaction already died.
+
+    SQLAlchemy invalidates a connection when a statement on it fails with a
+    disconnect; until the transaction is rolled back, any further statement
+    on it raises ``PendingRollbackError`` instead of a ``DBAPIError``.
+    """
+    return any(c.invalidated for c in connections(session))
+
+
 def session_touched(session: orm.Session, *, locks: bool) -> bool:
     """Whether any connection of ``session``'s transaction wrote (or locked rows)."""
     locking = bool(session.info.get(LOCKING))

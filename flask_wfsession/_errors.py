@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import typing as t
+
+import sqlalchemy as sa
+
 
 class WFSessionError(Exception):
     """Base class of every error raised by flask-wfsession."""
@@ -45,6 +49,21 @@ class AttachedObjectError(WFSessionError, TypeError):
     """An ORM object still attached to a session was handed to a worker."""
 
 
+class PoolTimeoutError(WFSessionError, sa.exc.TimeoutError):
+    """A pool checkout timed out; says who held every connection.
+
+    A subclass of :class:`sqlalchemy.exc.TimeoutError`, so existing ``except``
+    clauses keep working.
+
+    :param holders: one record per checked-out connection, as in
+        :meth:`~flask_wfsession.WFSession.pool_status`.
+    """
+
+    def __init__(self, message: str, holders: list[dict[str, t.Any]]) -> None:
+        super().__init__(message)
+        self.holders = holders
+
+
 class WFSessionWarning(UserWarning):
     """Base class of the warnings flask-wfsession issues.
 
@@ -59,6 +78,10 @@ class StepGuardWarning(WFSessionWarning):
 
 class HeldConnectionWarning(WFSessionWarning):
     """A session kept its connection through a long-running step (``"hold"``)."""
+
+
+class IdleInTransactionWarning(WFSessionWarning):
+    """A connection sat in an open transaction, outside any step, for too long."""
 
 
 class DiscardedWritesWarning(WFSessionWarning):

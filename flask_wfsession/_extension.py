@@ -19,7 +19,7 @@ import sqlalchemy.orm as orm
 from flask import Flask, current_app, has_app_context, has_request_context, request
 from werkzeug.wrappers import Response
 
-from . import _celery, _registry, _settings, _threads, signals
+from . import _celery, _fork, _registry, _settings, _telemetry, _threads, signals
 from ._callsite import user_frame
 from ._detached import DetachedSessions
 from ._errors import NoAppContextError, SetupError
@@ -108,10 +108,13 @@ class WFSession:
         config.setdefault("WFSESSION_GUARD", "warn")
         config.setdefault("WFSESSION_EXPIRE_ON_RELEASE", False)
         config.setdefault("WFSESSION_RELEASE_STREAMS", True)
+        # Off until its cost on every statement fits its budget (see CHANGES).
+        config.setdefault("WFSESSION_IDLE_WARNING", None)
         pending = _settings.choice("WFSESSION_PENDING", config, PENDING_POLICIES)
         guard = _settings.choice("WFSESSION_GUARD", config, GUARD_MODES)
         expire = _settings.boolean("WFSESSION_EXPIRE_ON_RELEASE", config)
         streams = _settings.boolean("WFSESSION_RELEASE_STREAMS", config)
+        idle_warning = _settings.seconds_or_none("WFSESSION_IDLE_WARNING", config)
 
         scoped: ScopedSource | None = None
         if db is not None:
@@ -126,8 +129,10 @@ class WFSession:
                 "No database for 'WFSession': set 'WFSESSION_DATABASE_URI', or pass"
                 " 'engine=' or a Flask-SQLAlchemy 'db=' to 'init_app'."
             )
-        for each in engines.values():
+        for key, each in engines.items():
             manage(each)
+            if idle_warning is not None:
+                _telemetry.watch(app, key, each, idle_warning)
         sessionmaker = make_sessionmaker(engines, self._session_options)
         state = self._app_state[app] = _State(
             engines=engines,
@@ -257,6 +262,32 @@ class WFSession:
             where=where,
         )
 
+    def pool_status(self) -> dict[str | None, dict[str, t.Any]]:
+        """Who holds the current app's connections now, per bind key.
+
+        Each value has ``size``, ``overflow`` and ``checked_out`` (the pool's
+        figures, ``None`` for a pool without them) and ``holders``: one record
+        per checked-out connection with ``endpoint`` (view endpoint, Celery
+        task or thread), ``thread``, ``held_for`` (seconds), ``state``
+        (running a statement, idle in transaction, held through a step) and
+        ``began_at`` (where its transaction began, ``file:line``). Holders
+        are listed only while connections are watched (``WFSESSION_IDLE_WARNING``
+        set). The result is JSON-serialisable.
+        """
+        state = self._current("wfs.pool_status()")[1]
+        status = {}
+        for key, engine in state.engines.items():
+            pool = engine.pool
+            queue = pool if isinstance(pool, sa.pool.QueuePool) else None
+            watched = _telemetry.watch_of(engine)
+            status[key] = {
+                "size": queue.size() if queue else None,
+                "overflow": queue.overflow() if queue else None,
+                "checked_out": queue.checkedout() if queue else None,
+                "holders": watched.snapshot() if watched else [],
+            }
+        return status
+
     def spawn(
         self, fn: t.Callable[P, t.Any], /, *args: P.args, **kwargs: P.kwargs
     ) -> threading.Thread:
@@ -323,6 +354,18 @@ def _after_request(response: Response) -> Response:
             ext._release(app, state, None, None, what, lambda: None)
 
     return wrap_streamed(response, release)
+
+
+def _scoped_sessions_here() -> list[orm.Session]:
+    """The current app context's scoped session, if made (for fork safety)."""
+    if not has_app_context():
+        return []
+    found = _extension_of(current_app._get_current_object())  # type: ignore[attr-defined]
+    session = found[1].scoped.peek() if found is not None else None
+    return [session] if session is not None else []
+
+
+_fork.scoped_sessions_here = _scoped_sessions_here
 
 
 def _real_app(sender: t.Any) -> t.Any:

@@ -15,6 +15,7 @@ import sqlalchemy.orm as orm
 
 from . import _hooks
 from ._errors import SetupError
+from ._guard import claim
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -37,15 +38,15 @@ class FlaskSQLAlchemyScoped:
         return t.cast(orm.Session, self._scoped())
 
     def peek(self) -> orm.Session | None:
-        if self._scoped.registry.has():
-            return t.cast(orm.Session, self._scoped())
-        return None
+        registry = self._scoped.registry  # one scope lookup, not has() then get()
+        return t.cast("orm.Session | None", registry.registry.get(registry.scopefunc()))
 
     def close(self, session: orm.Session) -> None:
         # db's own teardown runs right after ours (init_app order is
         # enforced) and would remove it too, but only if nothing raised in
-        # between. remove() closes once; db's later remove() finds nothing.
-        self._scoped.remove()
+        # between. Closed once here; db's later remove() finds nothing.
+        session.close()
+        self._scoped.registry.clear()
 
 
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:
@@ -64,5 +65,24 @@ def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], Flas
         engines = dict(db.engines)
     if db.session not in _hooked:
         _hooks.install(db.session)
+        _claim_when_made(db.session)
         _hooked.add(db.session)
     return engines, FlaskSQLAlchemyScoped(db.session)
+
+
+def _claim_when_made(scoped_session: orm.scoped_session[t.Any]) -> None:
+    """Make each ``db.session()`` belong to the app context it is made in.
+
+    Flask-SQLAlchemy makes the session on first access, always inside its app
+    context; claimed later, at its first SQL, it would belong to whichever
+    thread got there first.
+    """
+    registry = scoped_session.registry
+    create = registry.createfunc
+
+    def create_and_claim() -> orm.Session:
+        session = create()
+        claim(session, scoped=True)
+        return t.cast(orm.Session, session)
+
+    registry.createfunc = create_and_claim

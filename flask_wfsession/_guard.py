@@ -34,6 +34,7 @@ _OWNER = "flask_wfsession.owner"  # Session.info: weakref to the AppContext, or 
 _THREAD = "flask_wfsession.thread"  # Session.info: ident of the thread that claimed it
 _DEPTH = "flask_wfsession.step_depth"  # Session.info: step depth at creation
 FORKED = "flask_wfsession.forked"  # Session.info: pid whose transaction this is
+SCOPED = "flask_wfsession.scoped"  # Session.info: belongs to an app context
 
 _app_ctx_var: contextvars.ContextVar[t.Any] = flask.globals._cv_app
 
@@ -71,6 +72,7 @@ def claim(session: orm.Session, *, scoped: bool) -> None:
     """
     ctx = _app_ctx_var.get(None) if scoped else None
     session.info[_OWNER] = threading.get_ident() if ctx is None else weakref.ref(ctx)
+    session.info[SCOPED] = ctx is not None
     session.info[_THREAD] = threading.get_ident()
     session.info[_DEPTH] = 0 if scoped else step_var.get().depth
 

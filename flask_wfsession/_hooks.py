@@ -23,19 +23,21 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from sqlalchemy import event
 
-from . import _registry
+from . import _registry, _telemetry
 from ._database import CONNECTIONS, LOCKING, SENT, began
-from ._guard import FORKED, check
+from ._guard import FORKED, SCOPED, check
 from ._release import _HELD_REPORTED
+from ._telemetry import ACTIVITY
 
-_LOCK_WORDS = re.compile(r"\bFOR\s+(?:UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bLOCK\b", re.I)
-_PER_TRANSACTION = (CONNECTIONS, SENT, LOCKING, _HELD_REPORTED, FORKED)
+_LOCK_WORDS = re.compile(
+    r"\bFOR\s+(?:UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bLOCK\b|\bGET_LOCK\s*\(", re.I
+)
+_STATEMENT = "flask_wfsession.statement"  # Session.info: a statement or flush is starting
+_PER_TRANSACTION = (CONNECTIONS, SENT, LOCKING, _HELD_REPORTED, FORKED, ACTIVITY, _STATEMENT)
 
 
-def _on_execute(state: orm.ORMExecuteState) -> None:
-    session = state.session
-    check(session)
-    statement = state.statement
+def _note(session: orm.Session, statement: t.Any) -> None:
+    """Note what ``statement`` may do, where the database cannot tell."""
     if isinstance(statement, sa.Select):
         if statement._for_update_arg is not None:
             session.info[SENT] = session.info[LOCKING] = True
@@ -46,8 +48,29 @@ def _on_execute(state: orm.ORMExecuteState) -> None:
         session.info[LOCKING] = True
 
 
+def _on_execute(state: orm.ORMExecuteState) -> t.Any:
+    session = state.session
+    check(session)
+    _note(session, state.statement)
+    session.info[_STATEMENT] = True
+    if not _telemetry._watching:
+        return None
+    # Timed, so that the gaps between statements can be measured.
+    activity: _telemetry.Activity | None = session.info.get(ACTIVITY)
+    if activity is not None:
+        activity.starting()
+        activity.running = True
+    try:
+        return state.invoke_statement()
+    finally:
+        activity = session.info.get(ACTIVITY)  # the first statement begins it
+        if activity is not None:
+            activity.ended()
+
+
 def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> None:
     check(session)
+    session.info[_STATEMENT] = True
 
 
 def _on_transaction_create(session: orm.Session, transaction: orm.SessionTransaction) -> None:
@@ -57,26 +80,40 @@ def _on_transaction_create(session: orm.Session, transaction: orm.SessionTransac
 
 
 def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connection) -> None:
-    held: list[sa.Connection] = session.info.setdefault(CONNECTIONS, [])
-    if connection not in held:
-        held.append(connection)
-        if len(held) == 1:
+    info = session.info
+    held: list[sa.Connection] = info.setdefault(CONNECTIONS, [])
+    if connection in held:
+        return
+    held.append(connection)
+    if len(held) == 1:
+        if not info.get(SCOPED):  # scoped sessions are found through their context
             _registry.add(session)
-        began(connection)
-        # A connection taken by a path no earlier hook sees ('session.connection()'):
-        # refused or warned now; a rollback or close returns it.
+        watch = _telemetry.watch_of(connection.engine)
+        if watch is not None:
+            info[ACTIVITY] = watch.began(connection)
+    began(connection)
+    if not info.pop(_STATEMENT, False):
+        # Taken by 'session.connection()', for SQL that no session hook sees:
+        # it may write, and it was not checked yet (refused or warned now; a
+        # rollback or close returns the connection).
+        info[SENT] = True
         check(session)
 
 
 def _on_commit(session: orm.Session) -> None:
     check(session, guard=False)
+    activity: _telemetry.Activity | None = session.info.get(ACTIVITY)
+    if activity is not None:
+        activity.starting()
 
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.parent is None:
+        info = session.info
         for key in _PER_TRANSACTION:
-            session.info.pop(key, None)
-        _registry.discard(session)
+            info.pop(key, None)
+        if not info.get(SCOPED):
+            _registry.discard(session)
 
 
 def install(target: t.Any) -> None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
 from . import _report, signals
-from ._database import SENT, session_touched
+from ._database import SENT, invalidated, session_touched
 from ._errors import DiscardedWritesWarning
 
 if t.TYPE_CHECKING:
@@ -59,13 +59,26 @@ def unflushed(session: orm.Session) -> list[str]:
 
 
 def describe_pending(session: orm.Session) -> list[str]:
-    """What a rollback of ``session`` now would discard; asks the database.
+    """What a rollback of ``session`` now would discard, for the teardown report.
+
+    The database is asked only when the session sent something that may
+    have written: anything but a ``select()`` construct, a flush, a bulk
+    operation, or SQL on a connection taken with ``session.connection()``.
+    Asking on every request would cost a round trip per request; this report
+    changes nothing (the rollback happens either way), so it uses the cheap
+    evidence first. A release before a step always asks.
 
     :return: empty when nothing would be lost. When the database cannot be
         asked (a dead connection), writes the session may have sent are
         listed as lost.
     """
     changes = unflushed(session)
+    if not session.info.get(SENT):
+        return changes
+    if invalidated(session):
+        if session.info.get(SENT):
+            changes.append("writes sent in a transaction whose connection failed")
+        return changes
     try:
         if session_touched(session, locks=False):
             changes.append(SENT_WRITES)

@@ -34,10 +34,11 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
 from . import _report, signals
-from ._database import SENT, session_touched
+from ._database import SENT, invalidated, session_touched
 from ._errors import HeldConnectionWarning, PendingChangesError
 from ._pending import SENT_WRITES, report_discarded, unflushed
 from ._settings import Pending
+from ._telemetry import ACTIVITY
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -76,14 +77,18 @@ def _plan(session: orm.Session, policy: Pending) -> _Plan:
         plan.action = "raise" if policy == "raise" else "hold"
         return plan
     try:
-        touched = session_touched(session, locks=True)
+        dead = invalidated(session)
+        touched = not dead and session_touched(session, locks=True)
     except sa.exc.DBAPIError as error:
         if not error.connection_invalidated:
             raise
+        dead = True
+    if dead:
         plan.dead = True
         plan.action = "lost" if session.info.get(SENT) else "release"
         return plan
     if touched:
+        session.info[SENT] = True  # the teardown will ask again, and report
         plan.changes.append(SENT_WRITES)
     if not plan.changes:
         plan.action = "release"
@@ -255,6 +260,9 @@ def _report_plan(
         changes = [*plan.changes, "writes sent in the transaction"]
         report_discarded(app, session, changes, f"connection lost before {what}", reraise=True)
     elif plan.action == "hold":
+        activity = session.info.get(ACTIVITY)
+        if activity is not None:
+            activity.held_in = step or what
         reported: set[str] = session.info.setdefault(_HELD_REPORTED, set())
         if what in reported:
             return

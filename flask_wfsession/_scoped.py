@@ -16,6 +16,7 @@ from flask import g
 
 from ._guard import claim
 from ._pending import describe_pending, report_discarded
+from ._telemetry import ACTIVITY, Activity
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -69,9 +70,12 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
     session = scoped.peek()
     if session is None:
         return
+    activity: Activity | None = session.info.get(ACTIVITY)
     try:
         changes = describe_pending(session) if session.in_transaction() else []
     finally:
         scoped.close(session)
     if changes:
         report_discarded(app, session, changes, "app context teardown", reraise=False)
+    if activity is not None:
+        activity.starting()  # a gap between the last statement and the end

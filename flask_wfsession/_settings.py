@@ -45,6 +45,29 @@ def pending(name: str, value: object) -> Pending | None:
     return None if value is None else _check(name, value, PENDING_POLICIES)
 
 
+def seconds_or_none(key: str, config: t.Mapping[str, t.Any]) -> float | None:
+    """Configuration ``key`` as a number of seconds (0 or more), or ``None`` for off.
+
+    Strings from environment variables are read too: ``"1.5"``, ``"none"``.
+    :raise SettingError: for anything else.
+    """
+    value = config[key]
+    if isinstance(value, str) and value.strip().lower() in ("none", "off", ""):
+        return None
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds >= 0:
+        raise SettingError(
+            f"'{key}' is {value!r}; it must be a number of seconds (0 or more), or None"
+            " to switch it off."
+        )
+    return seconds
+
+
 def boolean(key: str, config: t.Mapping[str, t.Any]) -> bool:
     """Configuration flag ``key``: a bool, 0 or 1, or a string as environment variables give it.
 

@@ -467,6 +467,7 @@ def test_many_concurrent_slow_requests_on_a_pool_of_two(setup: Setup) -> None:
     assert concurrent_slow_requests(setup.app, setup.wfs, decorated=True, n=12) == [200] * 12
 
 
+@pytest.mark.filterwarnings("ignore::flask_wfsession.IdleInTransactionWarning")  # as intended
 def test_without_the_decorator_the_same_requests_exhaust_the_pool(
     make: t.Callable[..., Setup],
 ) -> None:

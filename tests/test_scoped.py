@@ -74,8 +74,9 @@ def test_uncommitted_writes_at_teardown_are_rolled_back_and_reported(
                 wfs.session.execute(sa.text("DELETE FROM wfs_test_conversation"))
             with app.app_context():  # a write hidden in a "select": only the database knows
                 wfs.session.execute(
-                    sa.text("INSERT INTO wfs_test_conversation (title) VALUES ('t') RETURNING id")
-                    .columns(id=sa.Integer)
+                    sa.text(
+                        "INSERT INTO wfs_test_conversation (title) VALUES ('t') RETURNING id"
+                    ).columns(id=sa.Integer)
                 ).all()
     assert [r["reason"] for r in reports] == ["app context teardown"] * 4
     assert reports[0]["changes"] == ["new Conversation (not yet inserted)"]
