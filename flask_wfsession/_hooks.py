@@ -73,8 +73,11 @@ def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> N
     session.info[_STATEMENT] = True
 
 
+_SUBTRANSACTION = orm.SessionTransactionOrigin.SUBTRANSACTION
+
+
 def _on_transaction_create(session: orm.Session, transaction: orm.SessionTransaction) -> None:
-    if transaction.parent is not None and not transaction.nested:
+    if transaction.origin is _SUBTRANSACTION:
         check(session)  # a flush or a bulk operation, before it takes a connection
         session.info[SENT] = True
 
@@ -108,10 +111,11 @@ def _on_commit(session: orm.Session) -> None:
 
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
-    if transaction.parent is None:
+    if transaction.origin is not _SUBTRANSACTION and not transaction.nested:
         info = session.info
         for key in _PER_TRANSACTION:
-            info.pop(key, None)
+            if key in info:
+                del info[key]
         if not info.get(SCOPED):
             _registry.discard(session)
 

@@ -49,7 +49,8 @@ def describe(obj: object) -> str:
 
 def unflushed(session: orm.Session) -> list[str]:
     """One line per unflushed object (the first ten, then a count)."""
-    if not session.identity_map.check_modified() and not session.new and not session.deleted:
+    # Session.new and .deleted build a set each; this runs at every teardown.
+    if not session.identity_map.check_modified() and not session._new and not session._deleted:
         return []
     objects = list(_pending_objects(session))
     changes = [f"{kind} {describe(obj)}" for kind, obj in objects[:_MAX_DESCRIBED]]
