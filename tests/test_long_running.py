@@ -143,11 +143,16 @@ def test_pending_writes_raise_under_the_raise_policy(
 
 @pytest.mark.parametrize("write", PENDING_WRITES)
 def test_pending_commit_policy_commits(setup: Setup, conversation_id: int, write: str) -> None:
+    """Unflushed changes too: the expected rows are computed without flushing them."""
     with setup.app.app_context():
         PENDING_WRITES[write](setup, conversation_id)
-        expected = titles_after_commit(setup)
+        expected = titles_after_commit(setup, flush=write not in UNFLUSHED)
+        assert bool(
+            setup.wfs.session.new or setup.wfs.session.dirty or setup.wfs.session.deleted
+        ) == (write in UNFLUSHED)
         with long_running("llm", pending="commit"):
             assert checked_out(setup.engine) == 0
+        assert titles(setup) == expected  # committed before the step, not at teardown
     assert titles(setup) == expected
 
 
