@@ -9,6 +9,7 @@ unreachable server is an error, never a skip. ``WFSESSION_TEST_BACKENDS``
 from __future__ import annotations
 
 import os
+import threading
 import typing as t
 from pathlib import Path
 
@@ -69,25 +70,60 @@ class Setup(t.NamedTuple):
     db: SQLAlchemy | None
 
 
-def make_app(integration: str, backend: str, uri: str, **config: t.Any) -> Setup:
-    """Build an app the way the README shows, with or without Flask-SQLAlchemy."""
-    app = Flask(__name__)
+def make_app(
+    integration: str,
+    backend: str,
+    uri: str,
+    *,
+    name: str = __name__,
+    pool: t.Mapping[str, t.Any] | None = None,
+    **config: t.Any,
+) -> Setup:
+    """Build an app the way the README shows, with or without Flask-SQLAlchemy.
+
+    :param pool: pool options over the tests' tiny pool.
+    """
+    app = Flask(name)
     app.config.update(TESTING=True, **config)
+    options = {**engine_options(backend), **(pool or {})}
     wfs = WFSession()
     db = None
     if integration == "flask-sqlalchemy":
         app.config["SQLALCHEMY_DATABASE_URI"] = uri
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(backend)
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
         db = SQLAlchemy()
         db.init_app(app)
         wfs.init_app(app, db=db)
     else:
         app.config["WFSESSION_DATABASE_URI"] = uri
-        app.config["WFSESSION_ENGINE_OPTIONS"] = engine_options(backend)
+        app.config["WFSESSION_ENGINE_OPTIONS"] = options
         wfs.init_app(app)
     with app.app_context():
         engine = wfs.engine
     return Setup(app, wfs, engine, db)
+
+
+def run_in_thread(
+    fn: t.Callable[[], object], in_context: t.Callable[[], t.Any] | None = None
+) -> BaseException | None:
+    """Run ``fn`` in a new thread named "borrower" (inside ``in_context()`` if
+    given) and wait for it; return what it raised."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            if in_context is None:
+                fn()
+            else:
+                with in_context():
+                    fn()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="borrower")
+    thread.start()
+    thread.join()
+    return errors[0] if errors else None
 
 
 def checked_out(engine: sa.Engine) -> int:

@@ -8,7 +8,6 @@ covers bulk operations the same way.
 
 from __future__ import annotations
 
-import threading
 import typing as t
 
 import pytest
@@ -17,28 +16,8 @@ import sqlalchemy.orm as orm
 
 from flask_wfsession import CrossThreadSessionError, StepGuardError, long_running
 
-from .conftest import Setup, checked_out
+from .conftest import Setup, checked_out, run_in_thread
 from .models import Conversation, Message
-
-
-def run_in_thread(fn: t.Callable[[], object], in_context: t.Any = None) -> BaseException | None:
-    """Run ``fn`` in a new thread (inside ``in_context()`` if given); return its error."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            if in_context is None:
-                fn()
-            else:
-                with in_context():
-                    fn()
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=target, name="borrower")
-    thread.start()
-    thread.join()
-    return errors[0] if errors else None
 
 
 def count_messages(session: orm.Session) -> int:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -19,45 +17,17 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from flask_wfsession import (
     IdleInTransactionWarning,
     PoolTimeoutError,
-    WFSession,
     long_running,
     signals,
 )
 
-from .conftest import CONNECT_ARGS, Setup
+from .conftest import Setup, make_app
 from .models import Base, Conversation
 
 HERE = Path(__file__).name
 
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-
-
-def make_watched(
-    integration: str,
-    backend: str,
-    uri: str,
-    pool: dict[str, t.Any],
-    name: str = __name__,
-    **config: t.Any,
-) -> Setup:
-    app = Flask(name)
-    app.config.update(TESTING=True, **config)
-    options = {**pool, "connect_args": CONNECT_ARGS[backend]}
-    wfs = WFSession()
-    db = None
-    if integration == "flask-sqlalchemy":
-        app.config.update(SQLALCHEMY_DATABASE_URI=uri, SQLALCHEMY_ENGINE_OPTIONS=options)
-        db = SQLAlchemy()
-        db.init_app(app)
-        wfs.init_app(app, db=db)
-    else:
-        app.config.update(WFSESSION_DATABASE_URI=uri, WFSESSION_ENGINE_OPTIONS=options)
-        wfs.init_app(app)
-    with app.app_context():
-        engine = wfs.engine
-    Base.metadata.create_all(engine)
-    return Setup(app, wfs, engine, db)
 
 
 @pytest.fixture
@@ -67,8 +37,10 @@ def watched(integration: str, backend: str, uri: str) -> t.Iterator[t.Callable[.
     def factory(pool: dict[str, t.Any] | None = None, **config: t.Any) -> Setup:
         pool = pool or {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
         config.setdefault("WFSESSION_IDLE_WARNING", 5.0)
-        made.append(make_watched(integration, backend, uri, pool, **config))
-        return made[-1]
+        setup = make_app(integration, backend, uri, pool=pool, **config)
+        Base.metadata.create_all(setup.engine)
+        made.append(setup)
+        return setup
 
     yield factory
     for setup in made:

@@ -15,7 +15,7 @@ from flask import copy_current_request_context, g, has_app_context, has_request_
 
 from flask_wfsession import AttachedObjectError, CrossThreadSessionError, long_running
 
-from .conftest import Setup, checked_out
+from .conftest import Setup, checked_out, run_in_thread
 from .models import Conversation, Message
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -118,21 +118,6 @@ def test_ids_and_unattached_objects_are_accepted(setup: Setup, conversation_id: 
         transient = Conversation(title="not in a session")
         future = setup.wfs.submit(executor, lambda c, i: (c.title, i), transient, conversation_id)
         assert future.result() == ("not in a session", conversation_id)
-
-
-def run_in_thread(fn: t.Callable[[], object]) -> BaseException | None:
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=target, name="borrower")
-    thread.start()
-    thread.join()
-    return errors[0] if errors else None
 
 
 def test_scoped_session_used_from_another_thread_raises(setup: Setup) -> None:
