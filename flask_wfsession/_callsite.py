@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import importlib.util
 import os
 import sys
 import threading
@@ -29,6 +30,14 @@ def _where(module: t.Any) -> str:
     return os.path.dirname(path) + os.sep if path.endswith("__init__.py") else path
 
 
+def _installed(name: str) -> tuple[str, ...]:
+    """Where package ``name`` would be imported from, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        return ()
+    return (_where(t.cast(t.Any, types.SimpleNamespace(__file__=spec.origin))),)
+
+
 _PLUMBING = tuple(
     _where(m)
     for m in (
@@ -44,9 +53,17 @@ _PLUMBING = tuple(
         threading,
     )
 ) + tuple(
-    _where(sys.modules[name])
-    for name in ("asgiref", "gevent", "celery", "greenlet")
-    if name in sys.modules
+    # Libraries an app calls the database through, or runs its code on.
+    where
+    for name in (
+        "flask_sqlalchemy",
+        "flask_sqlalchemy_lite",
+        "asgiref",
+        "gevent",
+        "greenlet",
+        "celery",
+    )
+    for where in _installed(name)
 )
 
 
