@@ -108,8 +108,7 @@ class WFSession:
         config.setdefault("WFSESSION_GUARD", "warn")
         config.setdefault("WFSESSION_EXPIRE_ON_RELEASE", False)
         config.setdefault("WFSESSION_RELEASE_STREAMS", True)
-        # Off until its cost on every statement fits its budget (see CHANGES).
-        config.setdefault("WFSESSION_IDLE_WARNING", None)
+        config.setdefault("WFSESSION_IDLE_WARNING", 1.0)
         pending = _settings.choice("WFSESSION_PENDING", config, PENDING_POLICIES)
         guard = _settings.choice("WFSESSION_GUARD", config, GUARD_MODES)
         expire = _settings.boolean("WFSESSION_EXPIRE_ON_RELEASE", config)
@@ -129,9 +128,10 @@ class WFSession:
                 "No database for 'WFSession': set 'WFSESSION_DATABASE_URI', or pass"
                 " 'engine=' or a Flask-SQLAlchemy 'db=' to 'init_app'."
             )
+        watched = idle_warning is not None or _telemetry.has_opentelemetry()
         for key, each in engines.items():
             manage(each)
-            if idle_warning is not None:
+            if watched:
                 _telemetry.watch(app, key, each, idle_warning)
         sessionmaker = make_sessionmaker(engines, self._session_options)
         state = self._app_state[app] = _State(
@@ -271,8 +271,9 @@ class WFSession:
         task or thread), ``thread``, ``held_for`` (seconds), ``state``
         (running a statement, idle in transaction, held through a step) and
         ``began_at`` (where its transaction began, ``file:line``). Holders
-        are listed only while connections are watched (``WFSESSION_IDLE_WARNING``
-        set). The result is JSON-serialisable.
+        are listed while connections are watched: ``WFSESSION_IDLE_WARNING``
+        set (the default) or ``opentelemetry-api`` installed. The result is
+        JSON-serialisable.
         """
         state = self._current("wfs.pool_status()")[1]
         status = {}

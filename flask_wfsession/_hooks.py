@@ -27,13 +27,13 @@ from . import _registry, _telemetry
 from ._database import CONNECTIONS, LOCKING, SENT, began
 from ._guard import FORKED, SCOPED, check
 from ._release import _HELD_REPORTED
-from ._telemetry import ACTIVITY
+from ._telemetry import HOLDERS
 
 _LOCK_WORDS = re.compile(
     r"\bFOR\s+(?:UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bLOCK\b|\bGET_LOCK\s*\(", re.I
 )
 _STATEMENT = "flask_wfsession.statement"  # Session.info: a statement or flush is starting
-_PER_TRANSACTION = (CONNECTIONS, SENT, LOCKING, _HELD_REPORTED, FORKED, ACTIVITY, _STATEMENT)
+_PER_TRANSACTION = (CONNECTIONS, SENT, LOCKING, _HELD_REPORTED, FORKED, HOLDERS, _STATEMENT)
 
 
 def _note(session: orm.Session, statement: t.Any) -> None:
@@ -48,24 +48,11 @@ def _note(session: orm.Session, statement: t.Any) -> None:
         session.info[LOCKING] = True
 
 
-def _on_execute(state: orm.ORMExecuteState) -> t.Any:
+def _on_execute(state: orm.ORMExecuteState) -> None:
     session = state.session
     check(session)
     _note(session, state.statement)
     session.info[_STATEMENT] = True
-    if not _telemetry._watching:
-        return None
-    # Timed, so that the gaps between statements can be measured.
-    activity: _telemetry.Activity | None = session.info.get(ACTIVITY)
-    if activity is not None:
-        activity.starting()
-        activity.running = True
-    try:
-        return state.invoke_statement()
-    finally:
-        activity = session.info.get(ACTIVITY)  # the first statement begins it
-        if activity is not None:
-            activity.ended()
 
 
 def _on_flush(session: orm.Session, flush_context: t.Any, instances: t.Any) -> None:
@@ -88,12 +75,10 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
     if connection in held:
         return
     held.append(connection)
-    if len(held) == 1:
-        if not info.get(SCOPED):  # scoped sessions are found through their context
-            _registry.add(session)
-        watch = _telemetry.watch_of(connection.engine)
-        if watch is not None:
-            info[ACTIVITY] = watch.began(connection)
+    if len(held) == 1 and not info.get(SCOPED):  # scoped ones are found through their context
+        _registry.add(session)
+    if _telemetry._watches:
+        _telemetry.began(info, connection)
     began(connection)
     if not info.pop(_STATEMENT, False):
         # Taken by 'session.connection()', for SQL that no session hook sees:
@@ -105,14 +90,13 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
 
 def _on_commit(session: orm.Session) -> None:
     check(session, guard=False)
-    activity: _telemetry.Activity | None = session.info.get(ACTIVITY)
-    if activity is not None:
-        activity.starting()
 
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.origin is not _SUBTRANSACTION and not transaction.nested:
         info = session.info
+        if HOLDERS in info:
+            _telemetry.ended(info)
         for key in _PER_TRANSACTION:
             if key in info:
                 del info[key]

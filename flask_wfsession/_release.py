@@ -38,7 +38,7 @@ from ._database import SENT, invalidated, session_touched
 from ._errors import HeldConnectionWarning, PendingChangesError
 from ._pending import SENT_WRITES, report_discarded, unflushed
 from ._settings import Pending
-from ._telemetry import ACTIVITY
+from ._telemetry import held
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -260,9 +260,7 @@ def _report_plan(
         changes = [*plan.changes, "writes sent in the transaction"]
         report_discarded(app, session, changes, f"connection lost before {what}", reraise=True)
     elif plan.action == "hold":
-        activity = session.info.get(ACTIVITY)
-        if activity is not None:
-            activity.held_in = step or what
+        held(session.info, step or what)
         reported: set[str] = session.info.setdefault(_HELD_REPORTED, set())
         if what in reported:
             return

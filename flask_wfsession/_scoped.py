@@ -16,7 +16,7 @@ from flask import g
 
 from ._guard import claim
 from ._pending import describe_pending, report_discarded
-from ._telemetry import ACTIVITY, Activity
+from ._telemetry import HOLDERS, ending
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -70,12 +70,16 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
     session = scoped.peek()
     if session is None:
         return
-    activity: Activity | None = session.info.get(ACTIVITY)
     try:
         changes = describe_pending(session) if session.in_transaction() else []
     finally:
-        scoped.close(session)
+        if HOLDERS in session.info:  # watched: an idle gap ending here is named so
+            token = ending.set("the app context's teardown")
+            try:
+                scoped.close(session)
+            finally:
+                ending.reset(token)
+        else:
+            scoped.close(session)
     if changes:
         report_discarded(app, session, changes, "app context teardown", reraise=False)
-    if activity is not None:
-        activity.starting()  # a gap between the last statement and the end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import typing as t
@@ -102,8 +103,73 @@ def test_the_same_call_decorated_is_not_reported(watched: t.Callable[..., Setup]
     assert reports == []
 
 
+def test_on_by_default(integration: str, backend: str, uri: str) -> None:
+    setup = make_app(integration, backend, uri)
+    assert setup.app.config["WFSESSION_IDLE_WARNING"] == 1.0
+
+
+def test_a_gap_before_the_end_of_the_request_is_reported(
+    watched: t.Callable[..., Setup],
+) -> None:
+    setup = watched(WFSESSION_IDLE_WARNING=0.5)
+    lines: list[int] = []
+
+    @setup.app.get("/last")
+    def last() -> str:
+        setup.wfs.session.scalars(sa.select(Conversation)).all()
+        lines.append(_line() - 1)
+        time.sleep(0.7)  # the undecorated slow call, and no statement after it
+        return "ok"
+
+    reports: list[dict[str, t.Any]] = []
+    with signals.idle_in_transaction.connected_to(lambda app, **kw: reports.append(kw), setup.app):
+        with pytest.warns(IdleInTransactionWarning):
+            assert setup.app.test_client().get("/last").status_code == 200
+    assert [(r["endpoint"], r["idle_from"], r["idle_until"]) for r in reports] == [
+        ("last", f"tests/{HERE}:{lines[0]}", "the app context's teardown")
+    ]
+
+
+def test_raw_sql_on_the_sessions_connection_is_timed(watched: t.Callable[..., Setup]) -> None:
+    setup = watched(WFSESSION_IDLE_WARNING=0.5)
+    lines: list[int] = []
+
+    @setup.app.get("/raw")
+    def raw() -> str:
+        setup.wfs.session.connection().execute(sa.text("SELECT 1"))
+        lines.append(_line() - 1)
+        time.sleep(0.7)
+        setup.wfs.session.connection().execute(sa.text("SELECT 2"))
+        lines.append(_line() - 1)
+        return "ok"
+
+    reports: list[dict[str, t.Any]] = []
+    with signals.idle_in_transaction.connected_to(lambda app, **kw: reports.append(kw), setup.app):
+        with pytest.warns(IdleInTransactionWarning):
+            assert setup.app.test_client().get("/raw").status_code == 200
+    assert [(r["idle_from"], r["idle_until"]) for r in reports] == [
+        (f"tests/{HERE}:{lines[0]}", f"tests/{HERE}:{lines[1]}")
+    ]
+
+
+def test_a_raising_receiver_fails_nothing(watched: t.Callable[..., Setup]) -> None:
+    setup = watched(WFSESSION_IDLE_WARNING=0.5)
+    add_slow_view(setup, lambda: time.sleep(0.7))
+
+    def failing(app: object, **kwargs: object) -> None:
+        raise RuntimeError("the alerting backend is down")
+
+    with signals.idle_in_transaction.connected_to(failing, setup.app):
+        with pytest.warns(IdleInTransactionWarning):
+            assert setup.app.test_client().get("/report").status_code == 200
+    with setup.app.app_context():
+        assert setup.wfs.pool_status()[None]["checked_out"] == 0
+
+
 @pytest.mark.parametrize("value", ["none", None])
-def test_switched_off(watched: t.Callable[..., Setup], value: object) -> None:
+def test_switched_off(
+    watched: t.Callable[..., Setup], value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     setup = watched(WFSESSION_IDLE_WARNING=value)
     assert setup.app.config["WFSESSION_IDLE_WARNING"] == value
     add_slow_view(setup, lambda: time.sleep(0.2))
@@ -111,9 +177,17 @@ def test_switched_off(watched: t.Callable[..., Setup], value: object) -> None:
     with signals.idle_in_transaction.connected_to(lambda app, **kw: reports.append(kw)):
         assert setup.app.test_client().get("/report").status_code == 200
     assert reports == []
+    # Metrics still need the holders while opentelemetry-api is installed...
     with setup.app.app_context():
         setup.wfs.session.scalars(sa.select(Conversation)).all()
-        assert setup.wfs.pool_status()[None]["holders"] == []  # not watched at all
+        assert len(setup.wfs.pool_status()[None]["holders"]) == 1
+    # ...and without it, nothing is watched at all.
+    monkeypatch.setitem(sys.modules, "opentelemetry.metrics", None)
+    bare = watched(WFSESSION_IDLE_WARNING=value)
+    with bare.app.app_context():
+        bare.wfs.session.scalars(sa.select(Conversation)).all()
+        assert bare.wfs.pool_status()[None]["holders"] == []
+        assert type(bare.engine.pool) in (sa.pool.QueuePool, sa.pool.StaticPool)
 
 
 @pytest.mark.filterwarnings("ignore::flask_wfsession.IdleInTransactionWarning")  # the holder's
@@ -233,3 +307,26 @@ def test_opentelemetry_connection_metrics(
         "used": 1,
         "idle": 0,
     }
+
+
+def test_a_worker_threads_connection_is_named(watched: t.Callable[..., Setup]) -> None:
+    setup = watched()
+    holding, done = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with setup.app.app_context():
+            setup.wfs.session.scalars(sa.select(Conversation)).all()
+            holding.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=work, name="summarizer")
+    worker.start()
+    try:
+        assert holding.wait(10)
+        with setup.app.app_context():
+            holders = setup.wfs.pool_status()[None]["holders"]
+    finally:
+        done.set()
+        worker.join()
+    assert [(h["endpoint"], h["thread"]) for h in holders] == [("summarizer", "summarizer")]
+    assert holders[0]["state"].startswith("idle in transaction")
