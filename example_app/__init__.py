@@ -46,19 +46,19 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     from .fake_llm import FakeLLM
     from .jobs import init_jobs
     from .llm import LLMClient
-    from .pool import PoolWatch
+    from .pool import LLMWaits
 
     with app.app_context():
         Base.metadata.create_all(wfs.engine)
-        watch = PoolWatch(wfs.engine)
+    waits = LLMWaits()
     if not app.config["LLM_URL"]:
         fake = FakeLLM(latency=app.config["FAKE_LLM_LATENCY"])
         atexit.register(fake.close)
         app.extensions["example_fake_llm"] = fake
         app.config["LLM_URL"] = fake.url
-    app.extensions["example_pool"] = watch
+    app.extensions["example_llm_waits"] = waits
     app.extensions["example_llm"] = LLMClient(
-        app.config["LLM_URL"], release=app.config["RELEASE_DURING_LLM"], observe=watch.sample
+        app.config["LLM_URL"], release=app.config["RELEASE_DURING_LLM"], observe=waits.sample
     )
     init_jobs(app)
 

@@ -208,7 +208,14 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="FILE", help="save throughput vs clients as PNG")
     parser.add_argument("--plot-clients", default="5,10,25,50")
     parser.add_argument("--count-requests", nargs=2, metavar=("VARIANT", "N"), help="internal")
+    parser.add_argument(
+        "--instructions", action="store_true", help="only count instructions per short request"
+    )
     args = parser.parse_args(argv)
+    if args.instructions:
+        prepare(args.database_url)
+        print(instructions(args.database_url))
+        return 0
     if args.count_requests:
         count_requests(args.count_requests[0], args.database_url, int(args.count_requests[1]))
         return 0
@@ -274,6 +281,8 @@ def short_requests(args: argparse.Namespace, cid: int) -> str:
 
 def count_requests(variant: str, url: str, n: int) -> None:
     """Serve ``n`` short requests in-process (what ``instructions`` runs under valgrind)."""
+    if os.environ.get("BENCH_HIDE_OPENTELEMETRY"):
+        sys.modules["opentelemetry.metrics"] = None  # type: ignore[assignment]  # "not installed"
     from .bench_app import create_app
 
     client = create_app(variant, url, 0).test_client()
@@ -281,30 +290,52 @@ def count_requests(variant: str, url: str, n: int) -> None:
         client.get("/short/1")
 
 
+# What "instructions" counts: (label, variant, idle warning, OpenTelemetry importable).
+COUNTED = (
+    ("plain Flask-SQLAlchemy", "plain", "none", False),
+    ("flask-wfsession, telemetry off", "wfsession", "none", False),
+    ("flask-wfsession, telemetry on (default)", "wfsession", "1.0", False),
+    ("flask-wfsession, telemetry on, opentelemetry-api, no SDK", "wfsession", "1.0", True),
+)
+
+
 def instructions(url: str) -> str:
     """Instructions per short request, counted by callgrind: exact and repeatable.
 
-    Each variant serves 50 and then 250 requests in-process; the difference
-    divided by 200 is the cost of one request, start-up excluded.
+    Each row serves 50 and then 250 requests in-process; the difference
+    divided by 200 is the cost of one request, start-up excluded. Each is
+    counted under three hash seeds and averaged: the seed moves Python's
+    caches by a few thousand instructions either way.
     """
     if not shutil.which("valgrind"):
         return "\n(valgrind not found: instruction counts skipped)"
     counts = {}
-    for variant in ("plain", "wfsession"):
-        per_run = []
-        for n in (50, 250):
-            command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-            command += [sys.executable, "-m", "example_app.bench", "--count-requests"]
-            command += [variant, str(n), "--database-url", url]
-            env = {**os.environ, "PYTHONHASHSEED": "0"}
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            per_run.append(int(done.stderr.split("Collected :")[1].split()[0]))
-        counts[variant] = (per_run[1] - per_run[0]) / 200
-    ratio = counts["wfsession"] / counts["plain"]
+    for label, variant, idle, otel in COUNTED:
+        per_seed = []
+        for seed in ("0", "1", "2"):
+            per_run = []
+            for n in (50, 250):
+                command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+                command += [sys.executable, "-m", "example_app.bench", "--count-requests"]
+                command += [variant, str(n), "--database-url", url]
+                env = {**os.environ, "PYTHONHASHSEED": seed, "BENCH_IDLE_WARNING": idle}
+                if not otel:
+                    env["BENCH_HIDE_OPENTELEMETRY"] = "1"
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                per_run.append(int(done.stderr.split("Collected :")[1].split()[0]))
+            per_seed.append((per_run[1] - per_run[0]) / 200)
+        counts[label] = statistics.mean(per_seed)
+    plain = counts[COUNTED[0][0]]
+    off = counts[COUNTED[1][0]]
+    rows = "\n".join(
+        f"| {label} | {count:,.0f} | {count / plain:.1%} |"
+        + (f" {(count - off) / plain:+.1%} |" if i > 1 else " |")
+        for i, (label, count) in enumerate(counts.items())
+    )
     return (
         "\nshort request, instructions per request (callgrind, in-process, no HTTP server)\n"
-        "| plain | flask-wfsession | ratio |\n|---:|---:|---:|\n"
-        f"| {counts['plain']:,.0f} | {counts['wfsession']:,.0f} | {ratio:.1%} |"
+        "| variant | instructions | of plain | telemetry's cost, points of plain |\n"
+        "|---|---:|---:|---:|\n" + rows
     )
 
 

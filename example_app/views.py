@@ -20,6 +20,7 @@ from . import wfs
 from .jobs import start_summary
 from .llm import LLMClient
 from .models import Conversation, Message, WorkflowRun
+from .pool import pool_figures
 from .repositories import SQLAlchemyRunRepository
 from .workflow import Node, Workflow, WorkflowEngine
 
@@ -141,5 +142,6 @@ def run_workflow() -> dict[str, t.Any]:
 
 
 @bp.get("/api/pool")
-def pool() -> dict[str, int]:
-    return t.cast(dict[str, int], current_app.extensions["example_pool"].figures())
+def pool() -> dict[str, t.Any]:
+    """Who holds the pool's connections now (``wfs.pool_status()``), and the LLM waits."""
+    return pool_figures(current_app.extensions["example_llm_waits"])

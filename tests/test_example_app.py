@@ -189,6 +189,45 @@ def test_burst_on_a_tiny_pool(fake_llm: FakeLLM, uri: str) -> None:
     assert pinned["holding"] == pinned["served"] > 0  # the contrast: each call pins one
 
 
+@pytest.mark.parametrize("release", [True, False])
+def test_the_pool_panel_names_who_holds_a_connection(
+    make_example: t.Callable[..., Flask], release: bool
+) -> None:
+    """``/api/pool`` (the page's panel) asked while a chat waits for the LLM."""
+    example = make_example(RELEASE_DURING_LLM=release)
+    cid = new_conversation(example)
+    waiting, answered = threading.Event(), threading.Event()
+    llm = example.extensions["example_llm"]
+    count = llm.observe
+
+    def observe() -> None:  # runs in the chat's request, as the LLM call starts
+        count()
+        if not waiting.is_set():
+            waiting.set()
+            assert answered.wait(10)
+
+    llm.observe = observe
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        chat = pool.submit(
+            example.test_client().post,
+            f"/api/conversations/{cid}/chat",
+            json={"message": "hi"},
+        )
+        assert waiting.wait(10)
+        try:
+            panel = example.test_client().get("/api/pool").get_json()
+        finally:
+            answered.set()
+        assert chat.result().status_code == 200
+    assert panel["size"] == engine_options("sqlite")["pool_size"]
+    held = [(h["endpoint"], h["state"][:19], h["began_at"]) for h in panel["holders"]]
+    if release:
+        assert held == [] and panel["checked_out"] == 0
+    else:
+        assert held == [("chat.chat", "idle in transaction", held[0][2])]
+        assert held[0][2].startswith("example_app/views.py:")
+
+
 def test_page_serves_the_chat(example: Flask) -> None:
     page = example.test_client().get("/")
     assert page.status_code == 200
