@@ -1,9 +1,13 @@
 """Fixtures: a real app on each backend, with and without Flask-SQLAlchemy.
 
-Every test using ``app`` runs on SQLite (a file), PostgreSQL and MariaDB. An
-unreachable server is an error, never a skip. ``WFSESSION_TEST_BACKENDS``
-(comma-separated) narrows the list for a quick local run;
-``WFSESSION_TEST_DATABASE`` picks another (existing) database on both servers.
+Every test using ``app`` runs on SQLite (a file), PostgreSQL and MariaDB. A
+module where transaction pooling matters also runs on ``pgbouncer`` (the same
+PostgreSQL database through PgBouncer in transaction mode, 127.0.0.1:6432,
+started by ``.ci/services``): it overrides the fixture with
+``backend = backend_fixture(pgbouncer=True)``. An unreachable server is an
+error, never a skip. ``WFSESSION_TEST_BACKENDS`` (comma-separated) narrows the
+list for a quick local run; ``WFSESSION_TEST_DATABASE`` picks another
+(existing) database on both servers.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ _DATABASE = os.environ.get("WFSESSION_TEST_DATABASE", "test")
 SERVERS = {
     "postgresql": f"postgresql+psycopg://postgres@127.0.0.1:5432/{_DATABASE}",
     "mysql": f"mysql+pymysql://root@127.0.0.1:3306/{_DATABASE}",
+    "pgbouncer": f"postgresql+psycopg://postgres@127.0.0.1:6432/{_DATABASE}",
 }
-BACKENDS = os.environ.get("WFSESSION_TEST_BACKENDS", "sqlite,postgresql,mysql").split(",")
+BACKENDS = os.environ.get("WFSESSION_TEST_BACKENDS", "sqlite,postgresql,mysql,pgbouncer").split(",")
+# Every connection through PgBouncer in transaction mode needs this: psycopg
+# would otherwise prepare a statement after 5 runs on one server connection and
+# run it later on another ("prepared statement "_pg3_0" does not exist").
+PGBOUNCER_ARGS: dict[str, t.Any] = {"prepare_threshold": None}
 # A tiny pool makes a held connection visible: a third checkout times out.
 POOL = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
 # A leaked transaction must fail the test, not hang the table drop.
@@ -37,6 +46,9 @@ CONNECT_ARGS = {
     "postgresql": {"options": "-c lock_timeout=10000", "application_name": "wfsession-tests"},
     "mysql": {"init_command": "SET SESSION lock_wait_timeout=10, innodb_lock_wait_timeout=10"},
     "sqlite": {"timeout": 10},
+    # PgBouncer refuses the "options" startup parameter; its connect_query sets
+    # the same lock_timeout on each server connection (.ci/services).
+    "pgbouncer": {**PGBOUNCER_ARGS, "application_name": "wfsession-tests"},
 }
 
 
@@ -48,9 +60,31 @@ def engine_options(backend: str) -> dict[str, t.Any]:
     return {**POOL, "connect_args": CONNECT_ARGS[backend]}
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
+def dialect(backend: str) -> str:
+    """The database behind ``backend``: PgBouncer's is PostgreSQL."""
+    return "postgresql" if backend == "pgbouncer" else backend
+
+
+def helper_args(backend: str) -> dict[str, t.Any]:
+    """``connect_args`` for the tests' own helper engines: none, but through PgBouncer."""
+    return PGBOUNCER_ARGS if backend == "pgbouncer" else {}
+
+
+def _backend(request: pytest.FixtureRequest) -> str:
     return t.cast(str, request.param)
+
+
+def backend_fixture(*, pgbouncer: bool) -> t.Any:
+    """The ``backend`` fixture over :data:`BACKENDS`; ``pgbouncer`` only if asked.
+
+    A module where transaction pooling matters overrides the fixture with
+    ``backend = backend_fixture(pgbouncer=True)``.
+    """
+    params = [b for b in BACKENDS if pgbouncer or b != "pgbouncer"]
+    return pytest.fixture(params=params, name="backend")(_backend)
+
+
+backend = backend_fixture(pgbouncer=False)
 
 
 @pytest.fixture
@@ -148,7 +182,9 @@ def make(integration: str, backend: str, uri: str) -> t.Iterator[t.Callable[...,
     for setup in made:
         setup.engine.dispose()
     if made:
-        cleanup = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+        cleanup = sa.create_engine(
+            uri, poolclass=sa.pool.NullPool, connect_args=helper_args(backend)
+        )
         Base.metadata.drop_all(cleanup)
         cleanup.dispose()
     assert not leaked, f"connections still checked out after the test: {leaked}"

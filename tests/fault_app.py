@@ -8,6 +8,9 @@ environment by :func:`app_from_env`:
   suite can find (and terminate) exactly this app's backends;
 * ``FAULT_POOL_SIZE`` (default 2; ``max_overflow`` is 0, ``pool_timeout`` 3 s);
 * ``FAULT_PRE_PING`` (default ``1``): ``pool_pre_ping``, recommended;
+* ``FAULT_PREPARE_THRESHOLD`` (default: psycopg's, 5): ``none`` turns off
+  psycopg's prepared statements, as PgBouncer in transaction mode needs
+  (``tests/test_pgbouncer.py``);
 * ``FAULT_STEP`` (seconds, default 0.05): the slow step of ``/step`` and ``/insert``,
   and the pause of ``/insert?early=1`` between its write and its step;
 * ``FAULT_TICK`` (seconds, default 0.4): the wait between chunks of the streams.
@@ -15,8 +18,8 @@ environment by :func:`app_from_env`:
 The guard runs in ``"raise"`` mode, so a thread left marked as "inside a
 step" fails its next request instead of only warning. Faults are asked for
 per request with the ``X-Fault`` header; every response that can say so
-names the thread that served it, and ``/pool`` reports the pool, the
-worker's pid and counters of what the app saw.
+names the worker (pid) and thread that served it, and ``/pool`` reports the
+pool, the worker's pid and counters of what the app saw.
 """
 
 from __future__ import annotations
@@ -82,7 +85,13 @@ def connect_last(signal: t.Any, app: Flask, receiver: t.Callable[..., None]) -> 
 
 
 def create_app(
-    url: str, app_name: str, pool_size: int, pre_ping: bool, step: float, tick: float
+    url: str,
+    app_name: str,
+    pool_size: int,
+    pre_ping: bool,
+    step: float,
+    tick: float,
+    connect_args: t.Mapping[str, t.Any] | None = None,
 ) -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = url
@@ -91,7 +100,7 @@ def create_app(
         "max_overflow": 0,
         "pool_timeout": 3,
         "pool_pre_ping": pre_ping,
-        "connect_args": {"application_name": app_name},
+        "connect_args": {"application_name": app_name, **(connect_args or {})},
     }
     app.config["WFSESSION_GUARD"] = "raise"
     db.init_app(app)
@@ -139,7 +148,7 @@ def create_app(
         return int(db.session.scalar(sa.select(sa.func.count()).select_from(FaultRow)) or 0)
 
     def served(**data: t.Any) -> dict[str, t.Any]:
-        return {"thread": threading.get_ident(), **data}
+        return {"pid": os.getpid(), "thread": threading.get_ident(), **data}
 
     @app.errorhandler(InternalServerError)
     def internal_error(error: InternalServerError) -> tuple[dict[str, t.Any], int]:
@@ -257,6 +266,10 @@ def create_app(
 
 
 def app_from_env() -> Flask:
+    threshold = os.environ.get("FAULT_PREPARE_THRESHOLD")
+    connect_args: dict[str, t.Any] = {}
+    if threshold is not None:
+        connect_args["prepare_threshold"] = None if threshold == "none" else int(threshold)
     return create_app(
         os.environ["FAULT_DATABASE_URL"],
         os.environ["FAULT_APP_NAME"],
@@ -264,4 +277,5 @@ def app_from_env() -> Flask:
         os.environ.get("FAULT_PRE_PING", "1") not in ("0", "false", "no", "off"),
         float(os.environ.get("FAULT_STEP", "0.05")),
         float(os.environ.get("FAULT_TICK", "0.4")),
+        connect_args,
     )

@@ -17,8 +17,11 @@ from celery import Celery
 
 from flask_wfsession import SetupError, signals
 
-from .conftest import Setup
+from .conftest import Setup, backend_fixture
 from .models import Conversation, Message
+
+# Also through PgBouncer in transaction mode.
+backend = backend_fixture(pgbouncer=True)
 
 ROOT = Path(__file__).parent.parent
 

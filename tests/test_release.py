@@ -24,8 +24,11 @@ from flask_wfsession import (
     signals,
 )
 
-from .conftest import Setup, checked_out
+from .conftest import BACKENDS, Setup, backend_fixture, checked_out, dialect, helper_args
 from .models import Conversation, Message
+
+# Also through PgBouncer in transaction mode.
+backend = backend_fixture(pgbouncer=True)
 
 INSERT = "INSERT INTO wfs_test_conversation (title) VALUES ('hidden')"
 
@@ -80,7 +83,7 @@ def titles(setup: Setup) -> list[str]:
 @pytest.mark.parametrize("write", HIDDEN_WRITES)
 def test_hidden_writes_are_held_not_committed(setup: Setup, backend: str, write: str) -> None:
     run, backends = HIDDEN_WRITES[write]
-    if backend not in backends:  # the backend cannot run this statement at all
+    if dialect(backend) not in backends:  # the backend cannot run this statement at all
         return
     held = []
     # The view ends without committing: the teardown rolls back and reports it.
@@ -100,7 +103,7 @@ def test_hidden_writes_are_refused_when_strict(
     make: t.Callable[..., Setup], backend: str, write: str
 ) -> None:
     run, backends = HIDDEN_WRITES[write]
-    if backend not in backends:
+    if dialect(backend) not in backends:
         return
     setup = make(WFSESSION_PENDING="raise")
     with setup.app.app_context():
@@ -119,7 +122,9 @@ LOCK_WAITS = {
 
 
 @pytest.mark.filterwarnings("ignore::flask_wfsession.HeldConnectionWarning")
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
+@pytest.mark.parametrize(
+    "backend", [b for b in BACKENDS if b in ("postgresql", "mysql", "pgbouncer")], indirect=True
+)
 def test_select_for_update_keeps_its_lock_through_the_step(
     setup: Setup, backend: str, uri: str, conversation_id: int
 ) -> None:
@@ -132,14 +137,14 @@ def test_select_for_update_keeps_its_lock_through_the_step(
     first_locked, second_read = threading.Event(), threading.Event()
     actions: list[str] = []
     errors: list[BaseException] = []
-    monitor = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+    monitor = sa.create_engine(uri, poolclass=sa.pool.NullPool, connect_args=helper_args(backend))
 
     def second_blocked_or_read() -> None:
         # InnoDB serves INNODB_TRX from a cache that a read within 100 ms of the
         # previous one does not refresh: poll less often than that.
         with monitor.connect() as conn:
             for _ in range(60):  # bounded: 9 s
-                if second_read.wait(0.15) or conn.scalar(sa.text(LOCK_WAITS[backend])):
+                if second_read.wait(0.15) or conn.scalar(sa.text(LOCK_WAITS[dialect(backend)])):
                     return
                 conn.rollback()
 

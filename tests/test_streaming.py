@@ -10,8 +10,11 @@ from flask import Response, abort, stream_with_context
 
 from flask_wfsession import DiscardedWritesWarning, long_running, signals
 
-from .conftest import Setup, checked_out
+from .conftest import Setup, backend_fixture, checked_out
 from .models import Conversation
+
+# Also through PgBouncer in transaction mode.
+backend = backend_fixture(pgbouncer=True)
 
 
 def add_stream_view(setup: Setup, events: list[str]) -> None:

@@ -15,8 +15,11 @@ from flask import copy_current_request_context, g, has_app_context, has_request_
 
 from flask_wfsession import AttachedObjectError, CrossThreadSessionError, long_running
 
-from .conftest import Setup, checked_out, run_in_thread
+from .conftest import Setup, backend_fixture, checked_out, run_in_thread
 from .models import Conversation, Message
+
+# Also through PgBouncer in transaction mode.
+backend = backend_fixture(pgbouncer=True)
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
