@@ -19,7 +19,7 @@ import sqlalchemy.orm as orm
 from flask import Flask, current_app, has_app_context, has_request_context, request
 from werkzeug.wrappers import Response
 
-from . import _celery, _fork, _registry, _settings, _telemetry, _threads, signals
+from . import _celery, _fork, _registry, _scoped, _settings, _telemetry, _threads, signals
 from ._callsite import user_frame
 from ._detached import DetachedSessions
 from ._errors import NoAppContextError, SetupError
@@ -367,6 +367,15 @@ def _scoped_sessions_here() -> list[orm.Session]:
 
 
 _fork.scoped_sessions_here = _scoped_sessions_here
+
+
+def _current_source(session: orm.Session) -> ScopedSource | None:
+    """The current app's scoped source (``session`` belongs to the current app context)."""
+    found = _extension_of(current_app._get_current_object()) if has_app_context() else None  # type: ignore[attr-defined]
+    return None if found is None else found[1].scoped
+
+
+_scoped.current_source = _current_source
 
 
 def _real_app(sender: t.Any) -> t.Any:

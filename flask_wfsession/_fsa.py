@@ -48,6 +48,13 @@ class FlaskSQLAlchemyScoped:
         session.close()
         self._scoped.registry.clear()
 
+    def adopt(self, session: orm.Session) -> bool:
+        registry = self._scoped.registry
+        if registry.has():
+            return False
+        registry.set(session)
+        return True
+
 
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:
     """Return ``db``'s engines for ``app`` and its session as a scoped source.

@@ -27,6 +27,7 @@ from . import _registry, _telemetry
 from ._database import CONNECTIONS, LOCKING, SENT, began
 from ._guard import FORKED, SCOPED, check
 from ._release import _HELD_REPORTED
+from ._scoped import CLOSED, reopened
 from ._telemetry import HOLDERS
 
 _LOCK_WORDS = re.compile(
@@ -75,8 +76,13 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
     if connection in held:
         return
     held.append(connection)
-    if len(held) == 1 and not info.get(SCOPED):  # scoped ones are found through their context
-        _registry.add(session)
+    if len(held) == 1:
+        if not info.get(SCOPED):  # scoped ones are found through their context
+            _registry.add(session)
+        elif CLOSED in info:  # closed by its context's teardown, and used again
+            reopened(session)
+            if not info.get(SCOPED):
+                _registry.add(session)
     if _telemetry._watches:
         _telemetry.began(info, connection)
     began(connection)

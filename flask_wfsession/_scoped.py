@@ -5,6 +5,13 @@ its context, so two contexts can never share a session the way an ``id()``
 key reused after garbage collection could. With Flask-SQLAlchemy, its own
 ``db.session`` plays this part (see ``_fsa``); both implement
 :class:`ScopedSource`.
+
+Flask 3.1 tears the context down once when a view returns a streamed
+response, then pushes it again while ``stream_with_context`` sends the body,
+and tears it down again after. A session the view kept in a variable is
+closed by the first teardown; used again by the body, it is put back as its
+context's session (:func:`reopened`), so steps release it and the second
+teardown closes it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import typing as t
 import sqlalchemy.orm as orm
 from flask import g
 
-from ._guard import claim
+from ._guard import claim, owned_here
 from ._pending import describe_pending, report_discarded
 from ._telemetry import HOLDERS, ending
 
@@ -22,6 +29,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
 
 _KEY = "_flask_wfsession"
+CLOSED = "flask_wfsession.closed_at_teardown"  # Session.info: closed by its context's teardown
 
 
 class ScopedSource(t.Protocol):
@@ -35,6 +43,9 @@ class ScopedSource(t.Protocol):
 
     def close(self, session: orm.Session) -> None:
         """Close the current context's ``session``, returning its connection, and forget it."""
+
+    def adopt(self, session: orm.Session) -> bool:
+        """Make ``session`` the current context's session again, if it has none now."""
 
 
 class ContextScoped:
@@ -58,6 +69,34 @@ class ContextScoped:
         g.pop(_KEY, None)
         session.close()
 
+    def adopt(self, session: orm.Session) -> bool:
+        if g.get(_KEY) is not None:
+            return False
+        setattr(g, _KEY, session)
+        return True
+
+
+def _no_source(session: orm.Session) -> ScopedSource | None:
+    return None
+
+
+current_source: t.Callable[[orm.Session], ScopedSource | None] = _no_source
+"""The current app's scoped source, for a session of the current app context (set by
+the extension)."""
+
+
+def reopened(session: orm.Session) -> None:
+    """A scoped session closed by its context's teardown takes a connection again.
+
+    In its own context (a streamed body), it becomes the context's session
+    again, if the context has none. Anywhere else, it is left to the thread
+    using it, like a detached session: steps there release it.
+    """
+    del session.info[CLOSED]
+    source = current_source(session) if owned_here(session) else None
+    if source is None or not source.adopt(session):
+        claim(session, scoped=False)
+
 
 def teardown(app: Flask, scoped: ScopedSource) -> None:
     """Close the context's session, then report writes it never committed.
@@ -73,6 +112,7 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
     try:
         changes = describe_pending(session) if session.in_transaction() else []
     finally:
+        session.info[CLOSED] = True
         if HOLDERS in session.info:  # watched: an idle gap ending here is named so
             token = ending.set("the app context's teardown")
             try:

@@ -133,3 +133,46 @@ def test_streams_can_be_left_alone(make: t.Callable[..., Setup], conversation_id
     assert checked_out(setup.engine) == 1  # held: the default would release it
     response.close()
     assert checked_out(setup.engine) == 0
+
+
+def test_a_session_kept_by_the_view_is_released_and_closed_with_the_stream(
+    setup: Setup, conversation_id: int
+) -> None:
+    """The view keeps its session (and an object of it) in variables the body uses.
+
+    Flask 3.1 tears the context down when the view returns, closing that
+    session, then sends the body in the same context: the session, used
+    again, is released between chunks and closed after the last one.
+    """
+    sessions: list[t.Any] = []
+    held_in_step: list[int] = []
+
+    @long_running("llm")
+    def llm_tokens() -> t.Iterator[str]:
+        for token in ("a", "b"):
+            held_in_step.append(checked_out(setup.engine))
+            yield token
+
+    @setup.app.get("/kept")
+    def kept() -> Response:
+        session = setup.wfs.session
+        sessions.append(session)
+        conversation = session.get_one(Conversation, conversation_id)
+
+        def body() -> t.Iterator[str]:
+            for token in llm_tokens():  # each token: the read before it is released
+                yield f"{token}{session.merge(conversation).title} "
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    response = setup.app.test_client().get("/kept", buffered=False)
+    chunks, held = [], []
+    for chunk in response.response:
+        chunks.append(chunk)
+        held.append(checked_out(setup.engine))
+    response.close()
+    assert b"".join(chunks) == b"ahello bhello "
+    assert held_in_step == [0, 0]
+    assert held == [0, 0]
+    assert not sessions[0].in_transaction()  # closed with the stream
+    assert checked_out(setup.engine) == 0
