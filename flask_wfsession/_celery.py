@@ -8,7 +8,6 @@ app context, so it gets a session separate from the caller's.
 
 from __future__ import annotations
 
-import threading
 import typing as t
 import weakref
 
@@ -41,22 +40,24 @@ def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> No
         )
     _connected.add(celery_app)
 
-    local = threading.local()
+    # The running tasks' contexts, by task id: not a thread-local, which an
+    # app built before gevent's monkey-patching would share between greenlets.
+    running: dict[str, tuple[AppContext, t.Any]] = {}
     engines = list(engines)
 
-    def task_prerun(sender: t.Any = None, **_: t.Any) -> None:
+    def task_prerun(sender: t.Any = None, task_id: str = "", **_: t.Any) -> None:
         if sender is None or sender.app is not celery_app:
             return
         ctx = app.app_context()
         ctx.push()
-        named = work_name.set(getattr(sender, "name", None))
-        stack: list[tuple[AppContext, t.Any]] = local.__dict__.setdefault("contexts", [])
-        stack.append((ctx, named))
+        running[task_id] = (ctx, work_name.set(getattr(sender, "name", None)))
 
-    def task_postrun(sender: t.Any = None, retval: t.Any = None, **_: t.Any) -> None:
+    def task_postrun(
+        sender: t.Any = None, task_id: str = "", retval: t.Any = None, **_: t.Any
+    ) -> None:
         if sender is None or sender.app is not celery_app:
             return
-        ctx, named = local.contexts.pop()
+        ctx, named = running.pop(task_id)
         # Teardown rolls back what the task did not commit and reports it;
         # a failed or retried task hands its exception to the teardown.
         try:

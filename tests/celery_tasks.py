@@ -7,6 +7,7 @@ the test sets for the worker.
 from __future__ import annotations
 
 import os
+import threading
 import typing as t
 
 from celery import Celery
@@ -17,6 +18,8 @@ from .conftest import checked_out, make_app
 from .models import Conversation, Message
 
 BROKER = "redis://127.0.0.1:6379/15"
+# Tasks of 'chat_in_step' that meet inside their steps (the worker's concurrency).
+MEETING = int(os.environ.get("WFS_TEST_MEETING", "1"))
 
 setup = make_app(
     os.environ["WFS_TEST_INTEGRATION"], os.environ["WFS_TEST_BACKEND"], os.environ["WFS_TEST_URI"]
@@ -61,3 +64,26 @@ def retried(self: t.Any, conversation_id: int) -> str:
 @celery_app.task
 def pool_status() -> dict[str, int]:
     return {"checked out": checked_out(setup.engine), "pid": os.getpid()}
+
+
+# Made after the worker's gevent patching (celery patches before importing
+# this module), so a greenlet waiting here lets the others run.
+_meeting = threading.Barrier(MEETING, timeout=30)
+
+
+@celery_app.task
+def chat_in_step(conversation_id: int, n: int) -> dict[str, t.Any]:
+    """Read, wait inside a step until every task of the meeting is inside its own, write.
+
+    :return: the task's thread (greenlet) and session, and the connections
+        checked out while all the tasks were inside their steps.
+    """
+    session = setup.wfs.session
+    conversation = session.get_one(Conversation, conversation_id)
+    with long_running("llm"):
+        _meeting.wait()  # all inside their steps...
+        held = checked_out(setup.engine)
+        _meeting.wait()  # ...until all have looked
+    session.add(Message(conversation_id=conversation.id, content=f"chat {n}"))
+    session.commit()
+    return {"thread": threading.get_ident(), "session": id(session), "held": held}

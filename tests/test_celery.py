@@ -32,31 +32,43 @@ def contents(setup: Setup) -> list[str]:
 
 
 @pytest.fixture
-def worker(
+def start_worker(
     setup: Setup, integration: str, backend: str, uri: str, monkeypatch: pytest.MonkeyPatch
-) -> t.Iterator[ModuleType]:
-    """A prefork Celery worker (one child) serving tests/celery_tasks.py on Redis."""
-    env = {
-        "WFS_TEST_INTEGRATION": integration,
-        "WFS_TEST_BACKEND": backend,
-        "WFS_TEST_URI": uri,
-        "WFS_TEST_QUEUE": f"wfsession-tests-{uuid.uuid4().hex}",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    sys.modules.pop("tests.celery_tasks", None)
-    tasks = importlib.import_module("tests.celery_tasks")
-    command = [sys.executable, "-m", "celery", "-A", "tests.celery_tasks:celery_app", "worker"]
-    command += ["--pool=prefork", "--concurrency=1", "--loglevel=WARNING"]
-    command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
-    try:
-        yield tasks
-    finally:
+) -> t.Iterator[t.Callable[..., ModuleType]]:
+    """Start a Celery worker serving tests/celery_tasks.py on Redis; stop it at the end."""
+    started: list[tuple[subprocess.Popen[bytes], ModuleType]] = []
+
+    def start(pool: str, concurrency: int) -> ModuleType:
+        env = {
+            "WFS_TEST_INTEGRATION": integration,
+            "WFS_TEST_BACKEND": backend,
+            "WFS_TEST_URI": uri,
+            "WFS_TEST_QUEUE": f"wfsession-tests-{uuid.uuid4().hex}",
+            "WFS_TEST_MEETING": str(concurrency),
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        sys.modules.pop("tests.celery_tasks", None)
+        tasks = importlib.import_module("tests.celery_tasks")
+        command = [sys.executable, "-m", "celery", "-A", "tests.celery_tasks:celery_app"]
+        command += ["worker", f"--pool={pool}", f"--concurrency={concurrency}"]
+        command += ["--loglevel=WARNING", "--without-heartbeat", "--without-gossip"]
+        command += ["--without-mingle"]
+        started.append((subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}), tasks))
+        return tasks
+
+    yield start
+    for process, tasks in started:
         process.terminate()
         process.wait(timeout=60)
         tasks.setup.engine.dispose()
-        sys.modules.pop("tests.celery_tasks", None)
+    sys.modules.pop("tests.celery_tasks", None)
+
+
+@pytest.fixture
+def worker(start_worker: t.Callable[..., ModuleType]) -> ModuleType:
+    """A prefork Celery worker (one child)."""
+    return start_worker("prefork", 1)
 
 
 def test_worker_runs_tasks_with_sessions_of_their_own(
@@ -72,6 +84,27 @@ def test_worker_runs_tasks_with_sessions_of_their_own(
     assert status["checked out"] == 0  # nothing leaked between tasks
     # The failed task and the retried task's first attempt were rolled back.
     assert contents(setup) == ["attempt 1", "re: hello"]
+
+
+def test_gevent_worker_runs_many_tasks_on_a_smaller_pool(
+    setup: Setup, conversation_id: int, start_worker: t.Callable[..., ModuleType]
+) -> None:
+    """``-P gevent``: 12 tasks at once, each inside a long-running step, on a pool of 2.
+
+    They can all be inside their steps at once only if each step returned its
+    task's connection; each task has its own greenlet and session.
+    """
+    concurrency = 12
+    pool = setup.engine.pool
+    assert isinstance(pool, sa.pool.QueuePool) and pool.size() + pool._max_overflow < concurrency
+    tasks = start_worker("gevent", concurrency)
+    sent = [tasks.chat_in_step.delay(conversation_id, n) for n in range(concurrency)]
+    results = [r.get(timeout=90) for r in sent]
+    assert [r["held"] for r in results] == [0] * concurrency
+    assert len({r["thread"] for r in results}) == concurrency
+    assert len({r["session"] for r in results}) == concurrency
+    assert tasks.pool_status.delay().get(timeout=60)["checked out"] == 0
+    assert contents(setup) == sorted(f"chat {n}" for n in range(concurrency))
 
 
 def test_eager_task_gets_a_session_separate_from_the_caller(
