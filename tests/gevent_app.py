@@ -43,7 +43,8 @@ def build(integration: str, backend: str, uri: str) -> Built:
 
     options = {**engine_options(backend), **POOL}
     app = Flask(f"gevent_{integration.replace('-', '_')}")
-    app.config.update(TESTING=True)
+    # A step mark leaking to another greenlet would fail that greenlet's queries.
+    app.config.update(TESTING=True, WFSESSION_GUARD="raise")
     wfs = WFSession()
     if integration == "flask-sqlalchemy":
         app.config.update(SQLALCHEMY_DATABASE_URI=uri, SQLALCHEMY_ENGINE_OPTIONS=options)
@@ -55,7 +56,59 @@ def build(integration: str, backend: str, uri: str) -> Built:
         wfs.init_app(app)
     with app.app_context():
         engine = wfs.engine
+    add_stream_view(app, wfs)
     return Built(app, wfs, engine)
+
+
+STREAMS = 12  # concurrent streams, and workers, on the pool of three
+
+
+class Meeting:
+    """A rendezvous of ``parties`` greenlets; the last to arrive runs ``on_full``."""
+
+    def __init__(self, parties: int, on_full: t.Callable[[], None]) -> None:
+        from gevent.event import Event
+
+        self.parties, self.arrived, self.on_full, self.full = parties, 0, on_full, Event()
+
+    def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived == self.parties:
+            self.on_full()
+            self.full.set()
+        if not self.full.wait(timeout=WAIT):
+            raise TimeoutError(f"{self.arrived} of {self.parties} arrived")
+
+
+def add_stream_view(app: t.Any, wfs: t.Any) -> None:
+    """``/stream/<n>``: three chunks, each a read then a token from a generator step.
+
+    The second token waits at the app's ``stream_meeting`` until every stream
+    is inside its step; each chunk carries ``n`` as read back from the
+    database through the stream's session.
+    """
+    import sqlalchemy as sa
+    from flask import Response, stream_with_context
+
+    from flask_wfsession import long_running
+
+    @long_running("llm-stream")
+    def tokens() -> t.Iterator[str]:
+        yield "t0"
+        app.extensions["stream_meeting"].arrive()
+        yield "t1"
+        yield "t2"
+
+    @app.get("/stream/<int:n>")
+    def stream(n: int) -> Response:
+        session = wfs.session
+        app.extensions["stream_sessions"].add(id(session))
+
+        def body() -> t.Iterator[str]:
+            for token in tokens():  # the step ends the read's transaction before each token
+                yield f"{token} {session.scalar(sa.select(sa.literal(n)))}\n"
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
 
 
 def rendezvous(built: Built, tag: str) -> dict[str, t.Any]:
@@ -246,6 +299,94 @@ def cross_greenlet(built: Built) -> dict[str, t.Any]:
     return out
 
 
+def workers_and_streams(built: Built, tag: str) -> dict[str, t.Any]:
+    """``wfs.spawn``, ``wfs.submit`` and streamed responses, all greenlets, on a pool of three.
+
+    * ``STREAMS`` workers, half from ``wfs.spawn`` and half from ``wfs.submit``
+      to a ``ThreadPoolExecutor`` (greenlets too, once patched), each read,
+      then wait inside a step until all are inside theirs, then write and
+      commit. On a pool of three they can only all be inside if each step
+      returned its connection.
+    * ``STREAMS`` clients, each in its own greenlet, read ``/stream/<n>``
+      at once; the streams meet inside their generator steps likewise.
+    * An attached ORM object handed to ``wfs.spawn`` is refused.
+    """
+    import concurrent.futures
+
+    import gevent
+    import sqlalchemy as sa
+
+    from flask_wfsession import long_running
+
+    from .models import Conversation
+
+    app, wfs, engine = built
+    out: dict[str, t.Any] = {"errors": []}
+    one = sa.select(sa.literal(1))
+
+    def checked_out(key: str) -> t.Callable[[], None]:
+        return lambda: out.__setitem__(key, engine.pool.checkedout())
+
+    workers = Meeting(STREAMS, checked_out("checked out, all workers in steps"))
+    app.extensions["stream_meeting"] = Meeting(
+        STREAMS, checked_out("checked out, all streams in steps")
+    )
+    app.extensions["stream_sessions"] = set()
+    worker_sessions: set[int] = set()
+
+    def worker(i: int) -> None:
+        try:
+            session = wfs.session
+            worker_sessions.add(id(session))
+            session.execute(one)
+            with long_running("llm"):
+                workers.arrive()
+            session.add(Conversation(title=f"{tag} worker {i}"))
+            session.commit()
+        except BaseException as e:
+            out["errors"].append(f"worker {i}: {e!r}")
+
+    def read_stream(n: int) -> str:
+        with app.test_client() as client:
+            response = client.get(f"/stream/{n}", buffered=False)
+            try:
+                return response.get_data(as_text=True)
+            finally:
+                response.close()
+
+    with concurrent.futures.ThreadPoolExecutor(STREAMS // 2) as executor, app.app_context():
+        conversation = Conversation(title=f"{tag} attached")
+        wfs.session.add(conversation)
+        wfs.session.commit()
+        try:
+            wfs.spawn(worker, conversation)  # type: ignore[arg-type]
+            out["attached object handed to spawn"] = "no error"
+        except Exception as e:
+            out["attached object handed to spawn"] = type(e).__name__
+        threads = [wfs.spawn(worker, i) for i in range(STREAMS // 2)]
+        futures = [wfs.submit(executor, worker, i) for i in range(STREAMS // 2, STREAMS)]
+        wfs.session.close()
+        for thread in threads:
+            thread.join(timeout=3 * WAIT)
+        concurrent.futures.wait(futures, timeout=3 * WAIT)
+    readers = [gevent.spawn(read_stream, n) for n in range(STREAMS)]
+    gevent.joinall(readers, timeout=3 * WAIT)
+    out["errors"] += [repr(g.exception) for g in readers if g.exception is not None]
+    out["unfinished"] = (
+        sum(thread.is_alive() for thread in threads)
+        + sum(not future.done() for future in futures)
+        + sum(not g.dead for g in readers)
+    )
+    out["streams"] = [g.value for g in readers]
+    out["distinct worker sessions"] = len(worker_sessions)
+    out["distinct stream sessions"] = len(app.extensions["stream_sessions"])
+    out["checked out after"] = engine.pool.checkedout()
+    with app.app_context(), wfs.detached() as session:
+        like = sa.select(sa.func.count()).where(Conversation.title.like(f"{tag} worker %"))
+        out["worker rows"] = session.scalar(like.select_from(Conversation))
+    return out
+
+
 def patch() -> None:
     from gevent import monkey
 
@@ -273,6 +414,7 @@ def main() -> None:
             warnings.simplefilter("always")
             result = rendezvous(built, f"{mode} {integration}")
             result["cross greenlet"] = cross_greenlet(built)
+            result["workers and streams"] = workers_and_streams(built, f"{mode} {integration}")
         result["warnings"] = [
             {"category": w.category.__name__, "message": str(w.message)}
             for w in caught

@@ -57,6 +57,7 @@ def test_greenlets_keep_their_sessions_apart(tables: str, backend: str, mode: st
     for integration in gevent_app.INTEGRATIONS:
         check_rendezvous(integration, results[integration])
         check_cross_greenlet(integration, results[integration]["cross greenlet"])
+        check_workers_and_streams(integration, results[integration]["workers and streams"])
 
 
 def check_rendezvous(integration: str, seen: dict[str, t.Any]) -> None:
@@ -101,3 +102,22 @@ def check_cross_greenlet(integration: str, seen: dict[str, t.Any]) -> None:
     assert seen["owner's scoped still works"] == 1
     assert seen["owner's detached still works"] == 1
     assert seen["checked out after"] == 0
+
+
+def check_workers_and_streams(integration: str, seen: dict[str, t.Any]) -> None:
+    """Greenlets from wfs.spawn and wfs.submit, and streamed responses, on a pool of three."""
+    where = f"{integration}: {seen}"
+    streams = gevent_app.STREAMS
+    assert streams > gevent_app.POOL["pool_size"] + gevent_app.POOL["max_overflow"]
+    assert seen["errors"] == [], where
+    assert seen["unfinished"] == 0, where
+    assert seen["attached object handed to spawn"] == "AttachedObjectError", where
+    # Every worker and every stream inside its step at once, holding nothing.
+    assert seen["checked out, all workers in steps"] == 0, where
+    assert seen["checked out, all streams in steps"] == 0, where
+    assert seen["distinct worker sessions"] == streams, where
+    assert seen["distinct stream sessions"] == streams, where
+    assert seen["worker rows"] == streams, where
+    # Each stream read its own number back through its own session.
+    assert seen["streams"] == [f"t0 {n}\nt1 {n}\nt2 {n}\n" for n in range(streams)], where
+    assert seen["checked out after"] == 0, where
