@@ -13,7 +13,8 @@ environment by :func:`app_from_env`:
   (``tests/test_pgbouncer.py``);
 * ``FAULT_STEP`` (seconds, default 0.05): the slow step of ``/step`` and ``/insert``,
   and the pause of ``/insert?early=1`` between its write and its step;
-* ``FAULT_TICK`` (seconds, default 0.4): the wait between chunks of the streams.
+* ``FAULT_TICK`` (seconds, default 0.4): the wait between chunks of the streams;
+* ``FAULT_TOKENS`` (default 100): the tokens of ``/sse/llm``.
 
 The guard runs in ``"raise"`` mode, so a thread left marked as "inside a
 step" fails its next request instead of only warning. Faults are asked for
@@ -92,6 +93,7 @@ def create_app(
     step: float,
     tick: float,
     connect_args: t.Mapping[str, t.Any] | None = None,
+    token_count: int = 100,
 ) -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = url
@@ -140,7 +142,7 @@ def create_app(
 
     @long_running("llm-tokens")
     def llm_tokens() -> t.Iterator[str]:
-        for n in range(100):
+        for n in range(token_count):
             time.sleep(tick)
             yield f"token{n}"
 
@@ -252,7 +254,7 @@ def create_app(
         def body() -> t.Iterator[str]:
             yield sse(first)
             tokens = llm_tokens()
-            for _ in range(100):
+            for _ in range(token_count + 1):
                 current = rows()
                 token = next(tokens, None)  # the step releases the read's transaction
                 if token is None:
@@ -278,4 +280,5 @@ def app_from_env() -> Flask:
         float(os.environ.get("FAULT_STEP", "0.05")),
         float(os.environ.get("FAULT_TICK", "0.4")),
         connect_args,
+        int(os.environ.get("FAULT_TOKENS", "100")),
     )

@@ -10,12 +10,9 @@ reasoning are in ``docs/reliability.md``.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import typing as t
@@ -28,136 +25,11 @@ import sqlalchemy as sa
 
 from .conftest import SERVERS
 from .fault_app import RAISE_IN_DISCARDED, RAISE_IN_STARTED, Base, FaultRow
+from .served import THREADS, Client, Reply, Server, concurrently, scalar
 
 URL = SERVERS["postgresql"]
 TABLE = FaultRow.__tablename__
-ROOT = Path(__file__).resolve().parent.parent
-THREADS = 16
 PRE_PING = os.environ.get("FAULT_PRE_PING", "1")  # "0" shows why it is recommended
-
-
-@dataclass
-class Reply:
-    status: int  # 0: no HTTP response (connection failed)
-    data: dict[str, t.Any]
-    started: float
-    ended: float
-    key: str = ""
-
-
-class Client:
-    """One keep-alive HTTP connection to the server, reopened after a failure."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn: http.client.HTTPConnection | None = None
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None) -> Reply:
-        started = time.monotonic()
-        try:
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-            self.conn.request(method, path, headers=headers or {})
-            response = self.conn.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            self.close()
-            return Reply(0, {"error": repr(error)}, started, time.monotonic())
-        if response.will_close:
-            self.close()
-        is_json = response.getheader("Content-Type", "").startswith("application/json")
-        data = json.loads(body) if is_json else {"text": body.decode()}
-        return Reply(response.status, data, started, time.monotonic())
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
-class Server:
-    """gunicorn serving tests.fault_app on a free loopback port."""
-
-    def __init__(self, log: Path, app_name: str, **env: str) -> None:
-        self.app_name = app_name
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        environ = {**os.environ, "FAULT_DATABASE_URL": URL, "FAULT_APP_NAME": app_name}
-        environ.update({f"FAULT_{k.upper()}": v for k, v in env.items()})
-        command = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1"]
-        command += ["--threads", str(THREADS), "-b", f"127.0.0.1:{self.port}"]
-        command += ["--keep-alive", "30", "--graceful-timeout", "5", "--log-level", "warning"]
-        command += ["tests.fault_app:app_from_env()"]
-        self.log = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=environ, stderr=out)
-        self.client = Client(self.port)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # startup poll, not synchronisation
-            if self.process.poll() is not None:
-                break
-            if self.client.request("GET", "/health").status == 200:
-                self.pid = self.pool()["pid"]
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not start:\n{self.log_tail()}")
-
-    def pool(self) -> dict[str, t.Any]:
-        reply = self.client.request("GET", "/pool")
-        assert reply.status == 200, reply
-        return reply.data
-
-    def wait_pool(self, check: t.Callable[[dict[str, t.Any]], bool], seconds: float) -> dict:
-        """Poll ``/pool`` until ``check`` holds (or the time is up); return the last answer."""
-        deadline = time.monotonic() + seconds
-        state = self.pool()
-        while not check(state) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            state = self.pool()
-        return state
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        self.client.close()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def concurrently(port: int, calls: list[tuple[str, str, dict[str, str]]]) -> list[Reply]:
-    """Send ``calls`` from ``THREADS`` keep-alive clients at once; replies in call order."""
-    replies: list[Reply | None] = [None] * len(calls)
-    next_call = iter(range(len(calls)))
-    lock = threading.Lock()
-
-    def client() -> None:
-        connection = Client(port)
-        while True:
-            with lock:
-                n = next(next_call, None)
-            if n is None:
-                break
-            replies[n] = connection.request(*calls[n])
-        connection.close()
-
-    threads = [threading.Thread(target=client) for _ in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [r for r in replies if r is not None]
-
-
-def scalar(engine: sa.Engine, sql: str, **params: t.Any) -> t.Any:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(sql), params).scalar()
 
 
 def idle_in_transaction(engine: sa.Engine, app_name: str) -> int:
@@ -165,6 +37,19 @@ def idle_in_transaction(engine: sa.Engine, app_name: str) -> int:
         scalar(
             engine,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+            " AND state LIKE 'idle in transaction%'",
+            name=app_name,
+        )
+    )
+
+
+def idle_seconds(engine: sa.Engine, app_name: str) -> float:
+    """How long the app's longest-idle transaction has been idle (0 if none is)."""
+    return float(
+        scalar(
+            engine,
+            "SELECT coalesce(max(extract(epoch FROM now() - state_change)), 0)"
+            " FROM pg_stat_activity WHERE application_name = :name"
             " AND state LIKE 'idle in transaction%'",
             name=app_name,
         )
@@ -190,7 +75,7 @@ def serve(
 
     def start(**env: str) -> Server:
         name = f"wfs-faults-{os.getpid()}-{request.node.name}"[:63]
-        server = Server(tmp_path / f"gunicorn{len(servers)}.log", name, **env)
+        server = Server(tmp_path / f"gunicorn{len(servers)}.log", name, url=URL, **env)
         servers.append(server)
         return server
 
@@ -449,13 +334,8 @@ def test_abandoned_streams_return_their_connections(
     stop = threading.Event()
 
     def monitor() -> None:
-        query = (
-            "SELECT coalesce(max(extract(epoch FROM now() - state_change)), 0)"
-            " FROM pg_stat_activity WHERE application_name = :name"
-            " AND state LIKE 'idle in transaction%'"
-        )
         while not stop.wait(0.02):
-            longest[0] = max(longest[0], float(scalar(engine, query, name=server.app_name)))
+            longest[0] = max(longest[0], idle_seconds(engine, server.app_name))
 
     watcher = threading.Thread(target=monitor)
     watcher.start()
@@ -492,3 +372,70 @@ def test_abandoned_streams_return_their_connections(
     # No connection sat in a transaction across a wait of the streams.
     assert longest[0] < tick / 2, f"a backend sat idle in a transaction for {longest[0]:.2f} s"
     assert [r.status for r in after] == [200] * len(after)
+
+
+def read_stream(port: int, path: str) -> tuple[int, list[str]]:
+    """A whole streamed response: its status and its events."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode()
+    except (OSError, http.client.HTTPException) as error:
+        return 0, [repr(error)]
+    finally:
+        conn.close()
+    return response.status, [e.removeprefix("data: ") for e in body.split("\n\n") if e]
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "preload"), [("gthread", False), ("gevent", False), ("gevent", True)]
+)
+def test_concurrent_streams_on_a_smaller_pool(
+    serve: t.Callable[..., Server], engine: sa.Engine, worker_class: str, preload: bool
+) -> None:
+    """24 streamed chats at once on a pool of two: a read, then an LLM token, per chunk.
+
+    Under gevent every stream is a greenlet of one thread; with ``--preload``
+    the app (engine, pool, extension) is built before the worker forks and
+    patches. The streams can only run side by side if each token's step
+    returns the connection of the read before it.
+    """
+    tick, tokens, streams = 0.2, 5, 24
+    server = serve(worker_class=worker_class, preload=preload, tick=str(tick), tokens=str(tokens))
+    longest = [0.0]
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.wait(0.02):
+            longest[0] = max(longest[0], idle_seconds(engine, server.app_name))
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    results: list[tuple[int, list[str]]] = [(0, [])] * streams
+
+    def reader(n: int) -> None:
+        results[n] = read_stream(server.port, "/sse/llm")
+
+    readers = [threading.Thread(target=reader, args=(n,)) for n in range(streams)]
+    try:
+        for thread in readers:
+            thread.start()
+        for thread in readers:
+            thread.join()
+    finally:
+        stop.set()
+        watcher.join()
+    state = server.wait_pool(lambda p: p["checkedout"] == 0, 3)
+    print(
+        f"\n{worker_class}{' --preload' if preload else ''}: {streams} streams of {tokens}"
+        f" tokens on a pool of 2: {sum(s == 200 for s, _ in results)} answered 200,"
+        f" {state['stats'].get('streams_completed', 0)} completed; longest idle in"
+        f" transaction {longest[0]:.3f} s; checked out after {state['checkedout']}"
+    )
+    for status, events in results:
+        assert status == 200, events
+        assert [e.split()[0] for e in events[1:]] == [f"token{n}" for n in range(tokens)]
+    assert state["stats"].get("streams_completed") == streams
+    assert state["checkedout"] == 0
+    assert longest[0] < tick / 2, f"a backend sat idle in a transaction for {longest[0]:.2f} s"

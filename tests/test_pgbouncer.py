@@ -12,17 +12,11 @@ admin console (``SHOW POOLS``, ``SHOW STATS``, ``SHOW SERVERS``).
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import typing as t
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -31,34 +25,16 @@ import sqlalchemy as sa
 
 from .conftest import SERVERS
 from .fault_app import Base, FaultRow
+from .served import THREADS, Client, Reply, Server, scalar
 
 URL = SERVERS["pgbouncer"]
 DIRECT = SERVERS["postgresql"]
 DATABASE = sa.make_url(URL).database
 CONSOLE = "host=127.0.0.1 port=6432 user=postgres dbname=pgbouncer"
-ROOT = Path(__file__).resolve().parent.parent
-WORKERS, THREADS, POOL_SIZE = 3, 16, 8
+WORKERS, POOL_SIZE = 3, 8
 STEP = 0.4  # seconds: the slow step, and the early path's pause with its write open
 # psycopg's prepared statements off, as transaction pooling needs; "5" shows why.
 PREPARE = os.environ.get("FAULT_PREPARE_THRESHOLD", "none")
-
-
-@dataclass
-class Reply:
-    status: int  # 0: no HTTP response
-    data: dict[str, t.Any]
-
-
-def post(conn: http.client.HTTPConnection, path: str) -> Reply:
-    try:
-        conn.request("POST", path)
-        response = conn.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException) as error:
-        conn.close()
-        return Reply(0, {"error": repr(error)})
-    is_json = response.getheader("Content-Type", "").startswith("application/json")
-    return Reply(response.status, json.loads(body) if is_json else {"text": body.decode()})
 
 
 def drive(port: int, clients: int, per_client: int, query: str = "") -> list[Reply]:
@@ -67,10 +43,10 @@ def drive(port: int, clients: int, per_client: int, query: str = "") -> list[Rep
     lock = threading.Lock()
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = Client(port)
         for _ in range(per_client):
             key = uuid.uuid4().hex
-            reply = post(conn, f"/insert/{key}{query}")
+            reply = conn.request("POST", f"/insert/{key}{query}")
             reply.data.setdefault("key", key)
             with lock:
                 replies.append(reply)
@@ -99,44 +75,6 @@ def ours(rows: list[dict[str, t.Any]]) -> dict[str, t.Any]:
     return {"database": DATABASE}
 
 
-class Server:
-    """gunicorn serving tests.fault_app through PgBouncer on a free loopback port."""
-
-    def __init__(self, log: Path, app_name: str, **env: str) -> None:
-        self.app_name = app_name
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        environ = {**os.environ, "FAULT_DATABASE_URL": URL, "FAULT_APP_NAME": app_name}
-        environ.update({f"FAULT_{k.upper()}": v for k, v in env.items()})
-        command = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(WORKERS)]
-        command += ["--threads", str(THREADS), "-b", f"127.0.0.1:{self.port}"]
-        command += ["--keep-alive", "30", "--graceful-timeout", "5", "--log-level", "warning"]
-        command += ["tests.fault_app:app_from_env()"]
-        self.log = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=environ, stderr=out)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # startup poll, not synchronisation
-            if self.process.poll() is not None:
-                break
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not start:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def direct() -> t.Iterator[sa.Engine]:
     """PostgreSQL itself, not through PgBouncer: the table, and what the server sees."""
@@ -161,18 +99,15 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> t.Iterator[t.Callab
 
     def start(**env: str) -> Server:
         name = f"wfs-pgbouncer-{os.getpid()}-{request.node.name}"[:63]
-        server = Server(tmp_path / f"gunicorn{len(servers)}.log", name, **env)
+        server = Server(
+            tmp_path / f"gunicorn{len(servers)}.log", name, url=URL, workers=WORKERS, **env
+        )
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
-
-
-def scalar(engine: sa.Engine, sql: str, **params: t.Any) -> t.Any:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(sql), params).scalar()
 
 
 def scalar_row(engine: sa.Engine, sql: str, **params: t.Any) -> tuple[t.Any, ...]:
