@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import signals
 from ._errors import (
     AttachedObjectError,
+    BlockingDriverWarning,
     CrossThreadSessionError,
     DiscardedWritesWarning,
     HeldConnectionWarning,
@@ -28,6 +29,7 @@ from ._session import Session
 
 __all__ = [
     "AttachedObjectError",
+    "BlockingDriverWarning",
     "CrossThreadSessionError",
     "DiscardedWritesWarning",
     "HeldConnectionWarning",

@@ -80,6 +80,13 @@ class HeldConnectionWarning(WFSessionWarning):
     """A session kept its connection through a long-running step (``"hold"``)."""
 
 
+class BlockingDriverWarning(WFSessionWarning):
+    """The database driver blocks every greenlet while a query runs (gevent).
+
+    psycopg 3 was imported before gevent's monkey-patching; see :doc:`/deployment`.
+    """
+
+
 class IdleInTransactionWarning(WFSessionWarning):
     """A connection sat in an open transaction, outside any step, for too long."""
 

@@ -19,7 +19,7 @@ import sqlalchemy.orm as orm
 from flask import Flask, current_app, has_app_context, has_request_context, request
 from werkzeug.wrappers import Response
 
-from . import _celery, _fork, _registry, _scoped, _settings, _telemetry, _threads, signals
+from . import _celery, _fork, _gevent, _registry, _scoped, _settings, _telemetry, _threads, signals
 from ._callsite import user_frame
 from ._detached import DetachedSessions
 from ._errors import NoAppContextError, SetupError
@@ -131,6 +131,7 @@ class WFSession:
         watched = idle_warning is not None or _telemetry.has_opentelemetry()
         for key, each in engines.items():
             manage(each)
+            _gevent.watch(each)
             if watched:
                 _telemetry.watch(app, key, each, idle_warning)
         sessionmaker = make_sessionmaker(engines, self._session_options)

@@ -70,6 +70,7 @@ class Server:
     :param worker_class: ``gthread`` (``THREADS`` threads) or ``gevent``.
     :param preload: ``--preload``: the app is built in the arbiter, before
         the worker forks (and, for gevent, before it patches).
+    :param environ: more environment variables for gunicorn.
     """
 
     def __init__(
@@ -81,13 +82,15 @@ class Server:
         workers: int = 1,
         worker_class: str = "gthread",
         preload: bool = False,
+        environ: t.Mapping[str, str] | None = None,
         **env: str,
     ) -> None:
         self.app_name = app_name
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
-        environ = {**os.environ, "FAULT_DATABASE_URL": url, "FAULT_APP_NAME": app_name}
+        environ = {**os.environ, **(environ or {})}
+        environ.update({"FAULT_DATABASE_URL": url, "FAULT_APP_NAME": app_name})
         environ.update({f"FAULT_{k.upper()}": v for k, v in env.items()})
         command = [sys.executable, "-m", "gunicorn", "-k", worker_class, "-w", str(workers)]
         if worker_class == "gthread":

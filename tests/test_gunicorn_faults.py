@@ -388,21 +388,43 @@ def read_stream(port: int, path: str) -> tuple[int, list[str]]:
     return response.status, [e.removeprefix("data: ") for e in body.split("\n\n") if e]
 
 
+BLOCKING = "psycopg was imported before gevent patched this process"
+
+
 @pytest.mark.parametrize(
-    ("worker_class", "preload"), [("gthread", False), ("gevent", False), ("gevent", True)]
+    ("worker_class", "preload", "wait_func"),
+    [
+        ("gthread", False, None),
+        ("gevent", False, None),
+        ("gevent", True, None),
+        ("gevent", True, "wait_poll"),
+    ],
 )
 def test_concurrent_streams_on_a_smaller_pool(
-    serve: t.Callable[..., Server], engine: sa.Engine, worker_class: str, preload: bool
+    serve: t.Callable[..., Server],
+    engine: sa.Engine,
+    worker_class: str,
+    preload: bool,
+    wait_func: str | None,
 ) -> None:
     """24 streamed chats at once on a pool of two: a read, then an LLM token, per chunk.
 
     Under gevent every stream is a greenlet of one thread; with ``--preload``
     the app (engine, pool, extension) is built before the worker forks and
-    patches. The streams can only run side by side if each token's step
-    returns the connection of the read before it.
+    patches, and psycopg, imported before the patching, blocks the worker
+    during each query unless told to wait through ``poll``: that is reported.
+    The streams can only run side by side if each token's step returns the
+    connection of the read before it.
     """
     tick, tokens, streams = 0.2, 5, 24
-    server = serve(worker_class=worker_class, preload=preload, tick=str(tick), tokens=str(tokens))
+    environ = {"PSYCOPG_WAIT_FUNC": wait_func} if wait_func else {}
+    server = serve(
+        worker_class=worker_class,
+        preload=preload,
+        environ=environ,
+        tick=str(tick),
+        tokens=str(tokens),
+    )
     longest = [0.0]
     stop = threading.Event()
 
@@ -428,8 +450,9 @@ def test_concurrent_streams_on_a_smaller_pool(
         watcher.join()
     state = server.wait_pool(lambda p: p["checkedout"] == 0, 3)
     print(
-        f"\n{worker_class}{' --preload' if preload else ''}: {streams} streams of {tokens}"
-        f" tokens on a pool of 2: {sum(s == 200 for s, _ in results)} answered 200,"
+        f"\n{worker_class}{' --preload' if preload else ''} {wait_func or ''}: {streams}"
+        f" streams of {tokens} tokens on a pool of 2:"
+        f" {sum(s == 200 for s, _ in results)} answered 200,"
         f" {state['stats'].get('streams_completed', 0)} completed; longest idle in"
         f" transaction {longest[0]:.3f} s; checked out after {state['checkedout']}"
     )
@@ -439,3 +462,7 @@ def test_concurrent_streams_on_a_smaller_pool(
     assert state["stats"].get("streams_completed") == streams
     assert state["checkedout"] == 0
     assert longest[0] < tick / 2, f"a backend sat idle in a transaction for {longest[0]:.2f} s"
+    warned = BLOCKING in server.log.read_text(errors="replace")
+    assert warned == (worker_class == "gevent" and preload and not wait_func)
+    warned = BLOCKING in server.log.read_text(errors="replace")
+    assert warned == (worker_class == "gevent" and preload and not wait_func)
