@@ -273,3 +273,39 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def test_scale_load_generator_counts_streams_first_tokens_and_cuts() -> None:
+    """The scale benchmark's client, against a tiny SSE server: one that answers
+    whole streams and one that cuts every stream after its first token."""
+    import asyncio
+    import time
+
+    from example_app.scale_load import Cell, Load
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cut = (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET /cut")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in (b"event: token\ndata: 1", b"event: done\ndata: 1")[: 1 if cut else 2]:
+            await asyncio.sleep(0.02)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if not cut:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()  # one stream per connection: the client reconnects
+
+    async def run(path: str) -> Cell:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        load = Load(port, path, clients=4, timeout=5)
+        start = time.monotonic()
+        await load.run(0.05, start + 0.5, start + 2)
+        server.close()
+        return Cell("test", path, 4, (start, start + 0.5), load.streams)
+
+    whole = asyncio.run(run("/ok"))
+    assert whole.throughput > 10 and not whole.errors
+    assert 0.02 <= whole.ttft(0.5) < 0.5
+    cut = asyncio.run(run("/cut"))
+    assert cut.throughput == 0 and set(cut.errors) == {"cut"}
+    assert cut.ttft(0.5) < 0.5
