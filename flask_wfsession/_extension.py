@@ -219,14 +219,25 @@ class WFSession:
 
     def _sessions_here(self, state: _State) -> list[orm.Session]:
         """The app context's session and this app's sessions holding a
-        connection taken in this thread or greenlet (detached, sessionmaker)."""
+        connection taken in this thread or greenlet (detached, sessionmaker),
+        those in a transaction only: the others have nothing to release."""
         scoped = state.scoped.peek()
-        sessions = [scoped] if scoped is not None and owned_here(scoped) else []
-        return sessions + [
-            s
-            for s in _registry.in_this_thread()
-            if s is not scoped and made_for(s, state.engines) and owned_here(s)
-        ]
+        sessions = (
+            [scoped]
+            if scoped is not None and scoped.in_transaction() and owned_here(scoped)
+            else []
+        )
+        holding = _registry.in_this_thread()
+        if holding:  # usually none: one dict lookup said so
+            sessions += [
+                s
+                for s in holding
+                if s is not scoped
+                and s.in_transaction()
+                and made_for(s, state.engines)
+                and owned_here(s)
+            ]
+        return sessions
 
     def release(self, pending: Pending | None = None) -> list[orm.Session]:
         """End the transactions of this context's and thread's sessions now.
@@ -253,9 +264,12 @@ class WFSession:
         what: str,
         where: t.Callable[[], str | None],
     ) -> list[orm.Session]:
+        sessions = self._sessions_here(state)
+        if not sessions:  # a step or a chunk with nothing open: the common case
+            return []
         return release_sessions(
             app,
-            self._sessions_here(state),
+            sessions,
             policy=pending or state.pending,
             expire=state.expire_on_release,
             step=step,

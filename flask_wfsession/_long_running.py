@@ -9,14 +9,13 @@ extension.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import time
 import typing as t
 from types import TracebackType
 
-from flask import current_app, has_app_context
+from flask.globals import _cv_app
 
 from . import _settings, signals
 from ._guard import step_var
@@ -26,36 +25,55 @@ P = t.ParamSpec("P")
 R = t.TypeVar("R")
 
 
-@contextlib.contextmanager
-def _step(name: str, pending: Pending | None) -> t.Iterator[None]:
-    """Send the signals around a step's body.
+class _step:
+    """Send the signals around a step's body (a ``with`` block).
 
     The step mark the extension's receivers set is this thread's or task's
     state, so it is restored here whatever any receiver does: a receiver that
     raises fails this step only, never the steps and requests that follow.
     ``long_running_finished`` is sent whenever ``long_running_started`` was,
-    with the exception if a receiver of ``started`` raised.
+    with the exception if a receiver of ``started`` raised. A class, not a
+    ``contextmanager``: generator steps enter one per item.
     """
-    if not has_app_context():
-        yield
-        return
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    outer = step_var.get()
-    started = time.perf_counter()
-    error: BaseException | None = None
-    try:
-        signals.long_running_started.send(app, step=name, pending=pending)
-        started = time.perf_counter()
-        yield
-    except BaseException as e:
-        error = e
-        raise
-    finally:
+
+    __slots__ = ("app", "name", "outer", "pending", "started")
+
+    def __init__(self, name: str, pending: Pending | None) -> None:
+        self.name = name
+        self.pending = pending
+        self.app: t.Any = None
+
+    def __enter__(self) -> None:
+        ctx = _cv_app.get(None)
+        if ctx is None:  # no app context: a no-op
+            return
+        self.app = ctx.app
+        self.outer = step_var.get()
+        self.started = time.perf_counter()
         try:
-            duration = time.perf_counter() - started
-            signals.long_running_finished.send(app, step=name, duration=duration, exception=error)
+            signals.long_running_started.send(self.app, step=self.name, pending=self.pending)
+        except BaseException as e:
+            self._finish(e)
+            raise
+        self.started = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.app is not None:
+            self._finish(exc)
+
+    def _finish(self, error: BaseException | None) -> None:
+        try:
+            duration = time.perf_counter() - self.started
+            signals.long_running_finished.send(
+                self.app, step=self.name, duration=duration, exception=error
+            )
         finally:
-            step_var.set(outer)
+            step_var.set(self.outer)
 
 
 def _wrap_generator(func: t.Any, name: str, pending: Pending | None) -> t.Any:
@@ -120,7 +138,7 @@ class LongRunning:
     def __init__(self, step: str | None = None, pending: Pending | None = None) -> None:
         self.step = step
         self.pending: Pending | None = _settings.pending("long_running(pending=...)", pending)
-        self._active: list[contextlib.AbstractContextManager[None]] = []
+        self._active: list[_step] = []
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
         name, pending = self.step or func.__qualname__, self.pending
