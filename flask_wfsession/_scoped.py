@@ -89,11 +89,14 @@ def reopened(session: orm.Session) -> None:
     """A scoped session closed by its context's teardown takes a connection again.
 
     In its own context (a streamed body), it becomes the context's session
-    again, if the context has none. Anywhere else, it is left to the thread
-    using it, like a detached session: steps there release it.
+    again, if the context has none, or else the thread's, like a detached
+    session: steps there release it. In any other context it stays its old
+    context's, and the ownership check refuses it.
     """
     del session.info[CLOSED]
-    source = current_source(session) if owned_here(session) else None
+    if not owned_here(session):
+        return
+    source = current_source(session)
     if source is None or not source.adopt(session):
         claim(session, scoped=False)
 

@@ -135,3 +135,26 @@ def test_bulk_inside_a_step_on_an_earlier_session_is_guarded(
     assert seen["checked out"] == 0  # refused before a connection was taken
     assert committed_messages(setup) == ["bulk 0", "bulk 1", "bulk 2"]
     assert checked_out(setup.engine) == 0
+
+
+@pytest.mark.parametrize("path", ["execute", "connection"])
+def test_a_session_kept_past_its_app_context_is_refused_in_the_next(
+    setup: Setup, path: str
+) -> None:
+    """A request's session kept in a global and used by a later request: refused.
+
+    The first context's teardown closed it; a closed session can be used
+    again, but only in its own context (a streamed body), never in another.
+    """
+    one = sa.select(sa.literal(1))
+    with setup.app.app_context():
+        kept = setup.wfs.session
+        kept.execute(one)
+    with setup.app.app_context():
+        use = {"execute": lambda: kept.execute(one), "connection": kept.connection}[path]
+        with pytest.raises(CrossThreadSessionError, match="A session must stay"):
+            use()
+        assert setup.wfs.session is not kept
+        assert setup.wfs.session.execute(one).scalar() == 1
+    kept.close()
+    assert checked_out(setup.engine) == 0
