@@ -8,6 +8,7 @@ app context, so it gets a session separate from the caller's.
 
 from __future__ import annotations
 
+import threading
 import typing as t
 import weakref
 
@@ -40,9 +41,12 @@ def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> No
         )
     _connected.add(celery_app)
 
-    # The running tasks' contexts, by task id: not a thread-local, which an
-    # app built before gevent's monkey-patching would share between greenlets.
-    running: dict[str, tuple[AppContext, t.Any]] = {}
+    # The running tasks' contexts, per task id and thread (or greenlet), as a
+    # stack: an eager retry runs inside the attempt it retries, with the same
+    # id, and a retried task may start in another greenlet before the first
+    # attempt has finished. Not a thread-local, which an app built before
+    # gevent's monkey-patching would share between greenlets.
+    running: dict[tuple[str, int], list[tuple[AppContext, t.Any]]] = {}
     engines = list(engines)
 
     def task_prerun(sender: t.Any = None, task_id: str = "", **_: t.Any) -> None:
@@ -50,14 +54,19 @@ def connect(celery_app: t.Any, app: Flask, engines: t.Iterable[sa.Engine]) -> No
             return
         ctx = app.app_context()
         ctx.push()
-        running[task_id] = (ctx, work_name.set(getattr(sender, "name", None)))
+        named = work_name.set(getattr(sender, "name", None))
+        running.setdefault((task_id, threading.get_ident()), []).append((ctx, named))
 
     def task_postrun(
         sender: t.Any = None, task_id: str = "", retval: t.Any = None, **_: t.Any
     ) -> None:
         if sender is None or sender.app is not celery_app:
             return
-        ctx, named = running.pop(task_id)
+        key = (task_id, threading.get_ident())
+        stack = running[key]
+        ctx, named = stack.pop()
+        if not stack:
+            del running[key]
         # Teardown rolls back what the task did not commit and reports it;
         # a failed or retried task hands its exception to the teardown.
         try:
