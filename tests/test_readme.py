@@ -28,6 +28,7 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             example.wfs.session.commit()
         response = app.test_client().get("/conversations/1")
         assert response.get_json() == {"title": "hi"}
+        assert app.test_client().get("/conversations/2").status_code == 404  # not a 500
         with app.app_context():
             assert example.wfs.session.scalar(sa.text("SELECT count(*) FROM visit")) == 1
             example.db.engine.dispose()
