@@ -7,6 +7,7 @@ gets releases, guards and reports without being rewritten.
 
 from __future__ import annotations
 
+import sys
 import typing as t
 import weakref
 
@@ -59,10 +60,18 @@ class FlaskSQLAlchemyScoped:
 def adopt(app: Flask, db: SQLAlchemy) -> tuple[dict[str | None, sa.Engine], FlaskSQLAlchemyScoped]:
     """Return ``db``'s engines for ``app`` and its session as a scoped source.
 
-    :raise SetupError: ``db.init_app(app)`` was not called first. It must come
-        first so that ``db``'s teardown runs after ours, letting us report
-        writes before ``db`` discards them.
+    :raise SetupError: ``db`` is not Flask-SQLAlchemy's, or ``db.init_app(app)``
+        was not called first. It must come first so that ``db``'s teardown runs
+        after ours, letting us report writes before ``db`` discards them.
     """
+    flask_sqlalchemy = sys.modules.get("flask_sqlalchemy")  # imported if 'db' is one
+    if flask_sqlalchemy is None or not isinstance(db, flask_sqlalchemy.SQLAlchemy):
+        raise SetupError(
+            f"'init_app(db=...)' adopts a Flask-SQLAlchemy 'SQLAlchemy' object, but got"
+            f" {type(db).__module__}.{type(db).__qualname__}. For another extension"
+            " (Flask-SQLAlchemy-Lite, say), pass its engine and use 'wfs.session':"
+            " 'with app.app_context(): wfs.init_app(app, engine=db.engine)'."
+        )
     if app.extensions.get("sqlalchemy") is not db:
         raise SetupError(
             "The Flask-SQLAlchemy 'db' passed to 'init_app' is not registered on this"

@@ -10,7 +10,7 @@ import sqlalchemy.orm as orm
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_wfsession import WFSession
+from flask_wfsession import SetupError, WFSession
 
 from .conftest import Setup
 
@@ -50,3 +50,24 @@ def test_binds_are_followed_without_app_context(tmp_path: Path) -> None:
     with app.app_context():
         for engine in db.engines.values():
             engine.dispose()
+
+
+def test_flask_sqlalchemy_lite_is_refused_with_what_to_do_instead(uri: str) -> None:
+    """Flask-SQLAlchemy-Lite's 'db' is not adopted; its engine, as the message says, is."""
+    from flask_sqlalchemy_lite import SQLAlchemy as LiteSQLAlchemy
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_ENGINES"] = {"default": uri}
+    lite = LiteSQLAlchemy(app)
+    wfs = WFSession()
+    with pytest.raises(SetupError, match="flask_sqlalchemy_lite") as refused:
+        wfs.init_app(app, db=lite)
+    assert "wfs.init_app(app, engine=db.engine)" in str(refused.value)
+    assert "wfsession" not in app.extensions
+    with app.app_context():
+        wfs.init_app(app, engine=lite.engine)
+    with app.app_context():
+        assert wfs.engine is lite.engine
+        assert wfs.session.execute(sa.select(sa.literal(1))).scalar() == 1
+        engine = lite.engine
+    engine.dispose()
