@@ -9,6 +9,7 @@ reasoning are in ``docs/reliability.md``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
@@ -54,6 +55,28 @@ def idle_seconds(engine: sa.Engine, app_name: str) -> float:
             name=app_name,
         )
     )
+
+
+@contextlib.contextmanager
+def longest_idle(engine: sa.Engine, app_name: str) -> t.Iterator[list[float]]:
+    """While the block runs, poll every 20 ms for the app's longest idle transaction.
+
+    Yields a one-item list holding the longest idle time seen, in seconds.
+    """
+    longest = [0.0]
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.wait(0.02):
+            longest[0] = max(longest[0], idle_seconds(engine, app_name))
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    try:
+        yield longest
+    finally:
+        stop.set()
+        watcher.join()
 
 
 @pytest.fixture(scope="module")
@@ -330,16 +353,7 @@ def test_abandoned_streams_return_their_connections(
     """Clients disconnect after the first event of streamed responses."""
     tick = 0.4  # the server's wait between events
     server = serve(pool_size="2", tick=str(tick))
-    longest = [0.0]
-    stop = threading.Event()
-
-    def monitor() -> None:
-        while not stop.wait(0.02):
-            longest[0] = max(longest[0], idle_seconds(engine, server.app_name))
-
-    watcher = threading.Thread(target=monitor)
-    watcher.start()
-    try:
+    with longest_idle(engine, server.app_name) as longest:
         paths = ["/sse/reads", "/sse/llm"] * 6
         heads: list[bytes] = [b""] * len(paths)
 
@@ -353,9 +367,6 @@ def test_abandoned_streams_return_their_connections(
             thread.join()
         assert all(h.startswith(b"HTTP/1.1 200") and b"data:" in h for h in heads), heads
         state = server.wait_pool(lambda p: p["stats"].get("streams_abandoned", 0) == len(paths), 10)
-    finally:
-        stop.set()
-        watcher.join()
     idle = idle_in_transaction(engine, server.app_name)
     after = concurrently(server.port, [("POST", "/step", {}), ("GET", "/read", {})] * 16)
     print(
@@ -425,29 +436,17 @@ def test_concurrent_streams_on_a_smaller_pool(
         tick=str(tick),
         tokens=str(tokens),
     )
-    longest = [0.0]
-    stop = threading.Event()
-
-    def monitor() -> None:
-        while not stop.wait(0.02):
-            longest[0] = max(longest[0], idle_seconds(engine, server.app_name))
-
-    watcher = threading.Thread(target=monitor)
-    watcher.start()
     results: list[tuple[int, list[str]]] = [(0, [])] * streams
 
     def reader(n: int) -> None:
         results[n] = read_stream(server.port, "/sse/llm")
 
     readers = [threading.Thread(target=reader, args=(n,)) for n in range(streams)]
-    try:
+    with longest_idle(engine, server.app_name) as longest:
         for thread in readers:
             thread.start()
         for thread in readers:
             thread.join()
-    finally:
-        stop.set()
-        watcher.join()
     state = server.wait_pool(lambda p: p["checkedout"] == 0, 3)
     print(
         f"\n{worker_class}{' --preload' if preload else ''} {wait_func or ''}: {streams}"
