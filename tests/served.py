@@ -6,6 +6,7 @@ Shared by the suites that run the app under a real server: the fault suite
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -143,6 +144,29 @@ class Server:
             self.process.wait()
 
 
+def together(*threads: threading.Thread) -> None:
+    """Start ``threads``, then wait for all of them."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@contextlib.contextmanager
+def fault_tables(url: str) -> t.Iterator[sa.Engine]:
+    """A pool-less engine on ``url`` with the fault app's tables, dropped afterwards."""
+    from .fault_app import Base
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    try:
+        yield engine
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
 def concurrently(port: int, calls: list[tuple[str, str, dict[str, str]]]) -> list[Reply]:
     """Send ``calls`` from ``THREADS`` keep-alive clients at once; replies in call order."""
     replies: list[Reply | None] = [None] * len(calls)
@@ -159,11 +183,7 @@ def concurrently(port: int, calls: list[tuple[str, str, dict[str, str]]]) -> lis
             replies[n] = connection.request(*calls[n])
         connection.close()
 
-    threads = [threading.Thread(target=client) for _ in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together(*(threading.Thread(target=client) for _ in range(THREADS)))
     return [r for r in replies if r is not None]
 
 

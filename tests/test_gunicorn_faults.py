@@ -25,8 +25,8 @@ import pytest
 import sqlalchemy as sa
 
 from .conftest import SERVERS
-from .fault_app import RAISE_IN_DISCARDED, RAISE_IN_STARTED, Base, FaultRow
-from .served import THREADS, Client, Reply, Server, concurrently, scalar
+from .fault_app import RAISE_IN_DISCARDED, RAISE_IN_STARTED, FaultRow
+from .served import THREADS, Client, Reply, Server, concurrently, fault_tables, scalar, together
 
 URL = SERVERS["postgresql"]
 TABLE = FaultRow.__tablename__
@@ -81,12 +81,8 @@ def longest_idle(engine: sa.Engine, app_name: str) -> t.Iterator[list[float]]:
 
 @pytest.fixture(scope="module")
 def engine() -> t.Iterator[sa.Engine]:
-    engine = sa.create_engine(URL, poolclass=sa.pool.NullPool)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    yield engine
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+    with fault_tables(URL) as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -360,11 +356,7 @@ def test_abandoned_streams_return_their_connections(
         def open_one(n: int) -> None:
             heads[n] = open_and_abandon(server.port, paths[n], reset=n % 4 < 2)
 
-        openers = [threading.Thread(target=open_one, args=(n,)) for n in range(len(paths))]
-        for thread in openers:
-            thread.start()
-        for thread in openers:
-            thread.join()
+        together(*(threading.Thread(target=open_one, args=(n,)) for n in range(len(paths))))
         assert all(h.startswith(b"HTTP/1.1 200") and b"data:" in h for h in heads), heads
         state = server.wait_pool(lambda p: p["stats"].get("streams_abandoned", 0) == len(paths), 10)
     idle = idle_in_transaction(engine, server.app_name)
@@ -441,12 +433,8 @@ def test_concurrent_streams_on_a_smaller_pool(
     def reader(n: int) -> None:
         results[n] = read_stream(server.port, "/sse/llm")
 
-    readers = [threading.Thread(target=reader, args=(n,)) for n in range(streams)]
     with longest_idle(engine, server.app_name) as longest:
-        for thread in readers:
-            thread.start()
-        for thread in readers:
-            thread.join()
+        together(*(threading.Thread(target=reader, args=(n,)) for n in range(streams)))
     state = server.wait_pool(lambda p: p["checkedout"] == 0, 3)
     print(
         f"\n{worker_class}{' --preload' if preload else ''} {wait_func or ''}: {streams}"

@@ -24,8 +24,8 @@ import pytest
 import sqlalchemy as sa
 
 from .conftest import SERVERS
-from .fault_app import Base, FaultRow
-from .served import THREADS, Client, Reply, Server, scalar
+from .fault_app import FaultRow
+from .served import THREADS, Client, Reply, Server, fault_tables, scalar, together
 
 URL = SERVERS["pgbouncer"]
 DIRECT = SERVERS["postgresql"]
@@ -52,11 +52,7 @@ def drive(port: int, clients: int, per_client: int, query: str = "") -> list[Rep
                 replies.append(reply)
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together(*(threading.Thread(target=client) for _ in range(clients)))
     return replies
 
 
@@ -78,12 +74,8 @@ def ours(rows: list[dict[str, t.Any]]) -> dict[str, t.Any]:
 @pytest.fixture(scope="module")
 def direct() -> t.Iterator[sa.Engine]:
     """PostgreSQL itself, not through PgBouncer: the table, and what the server sees."""
-    engine = sa.create_engine(DIRECT, poolclass=sa.pool.NullPool)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    yield engine
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+    with fault_tables(DIRECT) as engine:
+        yield engine
 
 
 @pytest.fixture
