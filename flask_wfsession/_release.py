@@ -175,7 +175,7 @@ def release_sessions(
     what: str,
     where: t.Callable[[], str | None],
 ) -> list[orm.Session]:
-    """End the transactions of ``sessions`` by ``policy``; return those released.
+    """End the transactions of ``sessions`` (each in one) by ``policy``; return those released.
 
     :param step: the step's name, sent with the signals.
     :param what: the step, for messages: ``"the long-running step 'llm'"``.
@@ -185,7 +185,7 @@ def release_sessions(
         ``session.begin()`` block; under any policy, writes sent on a
         connection that died.
     """
-    plans = [_plan(s, policy) for s in sessions if s.in_transaction()]
+    plans = [_plan(s, policy) for s in sessions]
     refused = [p for p in plans if p.action == "raise"]
     if refused:
         raise _refusal(what, refused)
