@@ -11,6 +11,7 @@ from ._errors import (
     BlockingDriverWarning,
     CrossThreadSessionError,
     DiscardedWritesWarning,
+    DroppedCallbacksWarning,
     HeldConnectionWarning,
     IdleInTransactionWarning,
     NoAppContextError,
@@ -20,18 +21,21 @@ from ._errors import (
     SetupError,
     StepGuardError,
     StepGuardWarning,
+    UnitOfWorkError,
     WFSessionError,
     WFSessionWarning,
 )
 from ._extension import WFSession
 from ._long_running import LongRunning, long_running
 from ._session import Session
+from ._transaction import Transaction
 
 __all__ = [
     "AttachedObjectError",
     "BlockingDriverWarning",
     "CrossThreadSessionError",
     "DiscardedWritesWarning",
+    "DroppedCallbacksWarning",
     "HeldConnectionWarning",
     "IdleInTransactionWarning",
     "LongRunning",
@@ -43,6 +47,8 @@ __all__ = [
     "SetupError",
     "StepGuardError",
     "StepGuardWarning",
+    "Transaction",
+    "UnitOfWorkError",
     "WFSession",
     "WFSessionError",
     "WFSessionWarning",

@@ -37,6 +37,15 @@ class PendingChangesError(WFSessionError, RuntimeError):
     """
 
 
+class UnitOfWorkError(WFSessionError, RuntimeError):
+    """A unit of work (:meth:`~flask_wfsession.WFSession.transaction`) would be split.
+
+    Raised by a ``session.commit()``, ``rollback()`` or ``close()`` inside a
+    unit, and when a unit ends that can no longer commit: a part of it
+    raised, or its transaction was ended from inside it.
+    """
+
+
 class StepGuardError(WFSessionError, RuntimeError):
     """A session was used while a long-running step's body runs."""
 
@@ -89,6 +98,10 @@ class BlockingDriverWarning(WFSessionWarning):
 
 class IdleInTransactionWarning(WFSessionWarning):
     """A connection sat in an open transaction, outside any step, for too long."""
+
+
+class DroppedCallbacksWarning(WFSessionWarning):
+    """``on_commit`` callbacks were dropped: their app context ended without a commit."""
 
 
 class DiscardedWritesWarning(WFSessionWarning):

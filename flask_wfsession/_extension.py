@@ -19,7 +19,18 @@ import sqlalchemy.orm as orm
 from flask import Flask, current_app, has_app_context, has_request_context, request
 from werkzeug.wrappers import Response
 
-from . import _celery, _fork, _gevent, _registry, _scoped, _settings, _telemetry, _threads, signals
+from . import (
+    _celery,
+    _fork,
+    _gevent,
+    _registry,
+    _scoped,
+    _settings,
+    _telemetry,
+    _threads,
+    _transaction,
+    signals,
+)
 from ._callsite import user_frame
 from ._detached import DetachedSessions
 from ._errors import NoAppContextError, SetupError
@@ -216,6 +227,73 @@ class WFSession:
         """
         state = self._get_state(app) if app is not None else self._current("wfs.detached()")[1]
         return state.detached.session()
+
+    @t.overload
+    def transaction(self, func: t.Callable[P, R], /) -> t.Callable[P, R]: ...
+    @t.overload
+    def transaction(
+        self, func: None = None, /, *, savepoint: bool = False, name: str | None = None
+    ) -> _transaction.Transaction: ...
+    def transaction(
+        self,
+        func: t.Callable[..., t.Any] | None = None,
+        /,
+        *,
+        savepoint: bool = False,
+        name: str | None = None,
+    ) -> t.Any:
+        """A unit of work on the current app context's session.
+
+        The outermost unit commits the session when it ends normally and rolls
+        it back when it raises; units entered inside it join it and commit
+        nothing. A unit that wrote nothing sends no ``COMMIT``. Inside a unit,
+        ``session.commit()``, ``rollback()`` and ``close()`` raise
+        :class:`~flask_wfsession.UnitOfWorkError`: the unit ends once.
+
+        .. code-block:: python
+
+            @wfs.transaction
+            def rename(conversation_id: int, title: str) -> None:
+                wfs.session.get_one(Conversation, conversation_id).title = title
+
+            with wfs.transaction() as session:
+                session.add(Message(...))
+
+        Decorates functions and ``async def`` functions, not generators; ``with``
+        and ``async with`` give the session. Make a new one for each ``with``.
+
+        :param savepoint: inside an open unit, wrap this part in a SAVEPOINT:
+            if it raises, only this part is undone and the unit goes on. The
+            outermost unit needs none.
+        :param name: the unit's name in errors and signals; by default the
+            function's qualified name, or ``"with wfs.transaction()"``.
+        :raise NoAppContextError: entered outside an app context.
+        """
+        unit = _transaction.Transaction(self._unit_session, savepoint=savepoint, name=name)
+        return unit if func is None else unit(func)
+
+    def _unit_session(self) -> tuple[Flask, orm.Session]:
+        app, state = self._current("wfs.transaction()")
+        return app, state.scoped.get()
+
+    def on_commit(self, fn: t.Callable[[], object]) -> None:
+        """Call ``fn`` after the current unit of work commits.
+
+        Outside a unit, after the next commit of the app context's session.
+        Callbacks run in the order given, after the real commit: never after a
+        rollback (those registered inside a savepoint that rolled back are
+        dropped), and never after a release before a long-running step. If the
+        app context ends with callbacks still waiting, they are dropped and
+        reported (:class:`~flask_wfsession.DroppedCallbacksWarning`). A callback
+        that raises is logged; the others still run and the commit stands.
+
+        .. code-block:: python
+
+            wfs.on_commit(lambda: summarize.delay(conversation_id))
+
+        :raise NoAppContextError: outside an app context.
+        """
+        _transaction.on_commit(self._current("wfs.on_commit()")[1].scoped.get(), fn)
 
     def _sessions_here(self, state: _State) -> list[orm.Session]:
         """The app context's session and this app's sessions holding a

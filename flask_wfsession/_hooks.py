@@ -9,6 +9,8 @@
   noted cheaply (one ``isinstance`` per statement); it is used only where the
   database cannot answer: a dead connection, row locks on MariaDB.
 * When the outermost transaction ends, all of it is forgotten.
+* Commits, rollbacks and ends of transactions: the units of work and
+  ``on_commit`` callbacks of :mod:`~flask_wfsession._transaction`.
 
 Used for this package's :class:`~flask_wfsession.Session` and for an adopted
 Flask-SQLAlchemy ``db.session``.
@@ -23,7 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from sqlalchemy import event
 
-from . import _registry, _telemetry
+from . import _registry, _telemetry, _transaction
 from ._database import CONNECTIONS, LOCKING, SENT, began
 from ._guard import FORKED, SCOPED, check
 from ._release import _HELD_REPORTED
@@ -96,6 +98,7 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
 
 def _on_commit(session: orm.Session) -> None:
     check(session, guard=False)
+    _transaction.before_commit(session)
 
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
@@ -108,6 +111,9 @@ def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransactio
                 del info[key]
         if not info.get(SCOPED):
             _registry.discard(session)
+        # Last: this may run the app's on_commit callbacks, or raise for a unit
+        # of work whose transaction someone else ended.
+        _transaction.transaction_ended(session)
 
 
 def install(target: t.Any) -> None:
@@ -117,4 +123,6 @@ def install(target: t.Any) -> None:
     event.listen(target, "after_transaction_create", _on_transaction_create)
     event.listen(target, "after_begin", _on_begin)
     event.listen(target, "before_commit", _on_commit)
+    event.listen(target, "after_commit", _transaction.after_commit)
+    event.listen(target, "after_soft_rollback", _transaction.after_soft_rollback)
     event.listen(target, "after_transaction_end", _on_transaction_end)

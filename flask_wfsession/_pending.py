@@ -47,10 +47,15 @@ def describe(obj: object) -> str:
     return f"{type(obj).__name__} {key!r}"
 
 
+def has_unflushed(session: orm.Session) -> bool:
+    """Whether ``session`` has objects to flush (new, changed or deleted)."""
+    # Session.new and .deleted build a set each; this runs at every teardown.
+    return bool(session.identity_map.check_modified() or session._new or session._deleted)
+
+
 def unflushed(session: orm.Session) -> list[str]:
     """One line per unflushed object (the first ten, then a count)."""
-    # Session.new and .deleted build a set each; this runs at every teardown.
-    if not session.identity_map.check_modified() and not session._new and not session._deleted:
+    if not has_unflushed(session):
         return []
     objects = list(_pending_objects(session))
     changes = [f"{kind} {describe(obj)}" for kind, obj in objects[:_MAX_DESCRIBED]]

@@ -15,10 +15,12 @@ wrote or locked rows            held       raises   commits   rolls back
 \\* the changes stay in the session, in memory, and are flushed after the
 step as they would have been. *Held* means the session keeps its transaction
 and connection through the step, exactly as without the extension, and this
-is reported. A session inside an open ``session.begin()`` block is never
-ended (held, or raises under ``"raise"``); one inside a ``wfs.detached()``
-block is never committed or rolled back (``"commit"`` and ``"rollback"``
-hold it), so neither block is split.
+is reported. A session inside an open ``session.begin()`` block or
+savepoint is never ended (held, or raises under ``"raise"``); one inside a
+unit of work (``wfs.transaction``) or a ``wfs.detached()`` block is never
+committed or rolled back (``"commit"`` and ``"rollback"`` hold it), so no
+block is split. A read-only one is released like any other, and the unit
+carries on after the step in a new transaction.
 
 Every session is planned before any is touched, so a refusal changes
 nothing. Reports go out last, after the sessions are in their final state.
@@ -33,7 +35,7 @@ import typing as t
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
-from . import _report, signals
+from . import _report, _transaction, signals
 from ._database import SENT, invalidated, session_touched
 from ._errors import HeldConnectionWarning, PendingChangesError
 from ._pending import SENT_WRITES, report_discarded, unflushed
@@ -54,6 +56,7 @@ class _Plan:
     session: orm.Session
     changes: list[str]  # unflushed, then what the database reports
     block: str | None  # the open block that must not be split
+    unit: bool = False  # the block is a unit of work
     dead: bool = False  # the connection died; the server rolled back
     action: Action = "release"
 
@@ -61,9 +64,13 @@ class _Plan:
 def _open_block(session: orm.Session) -> tuple[str | None, bool]:
     """The block ``session`` is in, and whether its transaction can end at all."""
     tx = session.get_transaction()
-    if tx is not None and (
+    explicit = tx is not None and (
         tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN or session.in_nested_transaction()
-    ):
+    )
+    unit = _transaction.unit_of(session)
+    if unit is not None:
+        return unit.describe(), not explicit
+    if explicit:
         return "an open 'session.begin()' or 'session.begin_nested()' block", False
     if session.info.get(DETACHED_BLOCK):
         return "an open 'wfs.detached()' block", True
@@ -72,7 +79,7 @@ def _open_block(session: orm.Session) -> tuple[str | None, bool]:
 
 def _plan(session: orm.Session, policy: Pending) -> _Plan:
     block, can_end = _open_block(session)
-    plan = _Plan(session, unflushed(session), block)
+    plan = _Plan(session, unflushed(session), block, _transaction.UNIT in session.info)
     if not can_end:
         plan.action = "raise" if policy == "raise" else "hold"
         return plan
@@ -149,14 +156,21 @@ def _refusal(what: str, plans: list[_Plan]) -> PendingChangesError:
     problems = [
         f"{p.block} is open, and ending its transaction would split it"
         if p.block and p.block.startswith("an open 'session.begin")
+        else f"{p.block} is open and has written, and ending its transaction would split it"
+        f" ({'; '.join(p.changes) or 'a savepoint is open'})"
+        if p.unit
         else f"uncommitted writes are pending ({'; '.join(p.changes)})"
         for p in plans
     ]
-    first = (
-        "End the block before the step starts"
-        if any(p.block for p in plans)
-        else "Commit first ('session.commit()')"
-    )
+    if any(p.unit for p in plans):
+        first = (
+            "Keep slow steps outside units of work: end the unit before the step, and"
+            " write the step's result in a new unit after it"
+        )
+    elif any(p.block for p in plans):
+        first = "End the block before the step starts"
+    else:
+        first = "Commit first ('session.commit()')"
     return PendingChangesError(
         f"Cannot release the database connection before {what}: {'; '.join(problems)}."
         f" {first}, or choose what happens with 'pending=\"hold\"' (keep the connection"
@@ -194,11 +208,16 @@ def release_sessions(
         session = plan.session
         if plan.action == "release":
             end = session.rollback if plan.dead else functools.partial(_commit_keep_loaded, session)
-            _end_keeping_unflushed(session, end, expire)
+            with _transaction.ending(session, "release"):  # an open unit carries on
+                _end_keeping_unflushed(session, end, expire)
         elif plan.action == "commit":
             _commit_keep_loaded(session)
-        elif plan.action in ("rollback", "lost"):
+        elif plan.action == "rollback":
             session.rollback()
+        elif plan.action == "lost":
+            with _transaction.ending(session, "release"):
+                session.rollback()
+            _transaction.lost(session, f"the connection died before {what}")
         if plan.action != "hold":
             released.append(session)
             if expire and plan.action != "release":
@@ -272,7 +291,11 @@ def _report_plan(
             f" {'; '.join(plan.changes) or 'nothing pending'}"
             f"{f', inside {plan.block}' if plan.block else ''}. Ending its transaction"
             " would commit or drop them, so it keeps its connection for the whole step."
-            " Commit before the step to free the connection.",
+            + (
+                " Keep slow steps outside units of work: end the unit before the step."
+                if plan.unit
+                else " Commit before the step to free the connection."
+            ),
             HeldConnectionWarning,
             stacklevel=4,
         )

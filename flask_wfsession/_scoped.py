@@ -24,6 +24,7 @@ from flask import g
 from ._guard import claim, owned_here
 from ._pending import describe_pending, report_discarded
 from ._telemetry import HOLDERS, ending
+from ._transaction import forget, report_dropped
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -102,7 +103,8 @@ def reopened(session: orm.Session) -> None:
 
 
 def teardown(app: Flask, scoped: ScopedSource) -> None:
-    """Close the context's session, then report writes it never committed.
+    """Close the context's session, then report writes it never committed and
+    ``on_commit`` callbacks that will never run.
 
     The session is closed whatever happens (a failing question to the
     database, a receiver of the report that raises), so its connection always
@@ -112,6 +114,7 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
     session = scoped.peek()
     if session is None:
         return
+    dropped = forget(session)  # a unit left open, and callbacks no commit will run
     try:
         changes = describe_pending(session) if session.in_transaction() else []
     finally:
@@ -124,5 +127,9 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
                 ending.reset(token)
         else:
             scoped.close(session)
-    if changes:
-        report_discarded(app, session, changes, "app context teardown", reraise=False)
+    try:
+        if changes:
+            report_discarded(app, session, changes, "app context teardown", reraise=False)
+    finally:
+        if dropped:
+            report_dropped(dropped, "the app context ended without a commit")

@@ -106,3 +106,27 @@ A receiver that raises at teardown is logged on the ``flask_wfsession``
 logger, not raised: the session is closed anyway. A receiver that raises
 during a release fails that step only.
 """
+
+unit_committed = _signals.signal("unit-committed")
+"""Sent when an outermost unit of work (:meth:`~flask_wfsession.WFSession.transaction`)
+ended without an exception: its transaction is committed, or it wrote nothing
+and needed no commit. Sent after its ``on_commit`` callbacks ran.
+
+:param name: the unit's name: the decorated function's qualified name, the
+    ``name=`` given, or ``"with wfs.transaction()"``.
+:param duration: seconds from the unit's start to the end of its commit, as
+    a ``float``.
+
+A receiver that raises is logged; the commit stands and the unit returns.
+"""
+
+unit_rolled_back = _signals.signal("unit-rolled-back")
+"""Sent when an outermost unit of work was rolled back: its body raised, a
+part of it failed, or its commit failed. Its ``on_commit`` callbacks were
+dropped.
+
+:param name: the unit's name, as for :data:`unit_committed`.
+:param duration: seconds from the unit's start to the end of its rollback.
+
+A receiver that raises is logged; the unit's own exception propagates.
+"""

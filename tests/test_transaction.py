@@ -1,0 +1,689 @@
+"""Units of work: one commit however many functions join, savepoints, on_commit.
+
+COMMITs are counted where SQLAlchemy hands them to the driver (the engine's
+``commit`` event); rows are read back through a separate session, so a test
+sees what another request would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import typing as t
+
+import click
+import pytest
+import sqlalchemy as sa
+
+from flask_wfsession import (
+    DiscardedWritesWarning,
+    DroppedCallbacksWarning,
+    HeldConnectionWarning,
+    NoAppContextError,
+    PendingChangesError,
+    UnitOfWorkError,
+    long_running,
+    signals,
+)
+
+from .conftest import Setup, checked_out, dialect
+from .models import Conversation, Message
+from .test_dead_connections import SERVER_BACKENDS, backend_id, kill
+
+
+@contextlib.contextmanager
+def counting(engine: sa.Engine) -> t.Iterator[dict[str, int]]:
+    """Count the COMMITs, ROLLBACKs and savepoints sent on ``engine`` in the block."""
+    counts = {"commit": 0, "rollback": 0, "savepoint": 0, "release_savepoint": 0}
+
+    def counter(name: str) -> t.Callable[..., None]:
+        def count(*args: t.Any) -> None:
+            counts[name] += 1
+
+        return count
+
+    listeners = [(name, counter(name)) for name in counts]
+    for name, fn in listeners:
+        sa.event.listen(engine, name, fn)
+    try:
+        yield counts
+    finally:
+        for name, fn in listeners:
+            sa.event.remove(engine, name, fn)
+
+
+def titles(setup: Setup) -> list[str]:
+    """The committed conversation titles, as another process sees them (its own
+    engine, so that its reads are not counted with the app's)."""
+    engine = sa.create_engine(setup.engine.url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return sorted(connection.scalars(sa.select(Conversation.title)))
+    finally:
+        engine.dispose()
+
+
+def add(setup: Setup, title: str) -> None:
+    setup.wfs.session.add(Conversation(title=title))
+    setup.wfs.session.flush()
+
+
+@contextlib.contextmanager
+def units(setup: Setup) -> t.Iterator[list[tuple[str, str]]]:
+    """Record the unit signals sent in the block, as (signal, name)."""
+    seen: list[tuple[str, str]] = []
+
+    def committed(sender: t.Any, *, name: str, duration: float) -> None:
+        assert sender is setup.app and duration >= 0
+        seen.append(("committed", name))
+
+    def rolled_back(sender: t.Any, *, name: str, duration: float) -> None:
+        assert sender is setup.app and duration >= 0
+        seen.append(("rolled back", name))
+
+    with (
+        signals.unit_committed.connected_to(committed),
+        signals.unit_rolled_back.connected_to(rolled_back),
+    ):
+        yield seen
+
+
+# -- Commit once ---------------------------------------------------------------
+
+
+def test_nested_units_commit_once_when_the_outermost_returns(setup: Setup) -> None:
+    wfs = setup.wfs
+    seen_inside: list[list[str]] = []
+
+    @wfs.transaction
+    def audit(title: str) -> None:
+        add(setup, f"audit {title}")
+
+    @wfs.transaction
+    def rename(title: str) -> None:
+        add(setup, title)
+        audit(title)  # joins: commits nothing
+        seen_inside.append(titles(setup))
+
+    with units(setup) as seen, counting(setup.engine) as counts, setup.app.app_context():
+        rename("chat")
+    assert seen_inside == [[]]  # nothing committed before the outermost returned
+    assert titles(setup) == ["audit chat", "chat"]
+    assert counts["commit"] == 1
+    assert seen == [
+        ("committed", "test_nested_units_commit_once_when_the_outermost_returns.<locals>.rename")
+    ]
+
+
+def test_with_block_gives_the_session_and_commits_it(setup: Setup) -> None:
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with setup.wfs.transaction() as session:
+            assert session is setup.wfs.session
+            session.add(Conversation(title="from a with block"))
+        assert counts["commit"] == 1
+    assert titles(setup) == ["from a with block"]
+
+
+def test_an_exception_rolls_the_whole_unit_back(setup: Setup) -> None:
+    wfs = setup.wfs
+
+    @wfs.transaction
+    def inner() -> None:
+        add(setup, "inner")
+        raise LookupError("no such model")
+
+    @wfs.transaction(name="outer")
+    def outer() -> None:
+        add(setup, "outer")
+        inner()
+
+    with units(setup) as seen, counting(setup.engine) as counts, setup.app.app_context():
+        with pytest.raises(LookupError):
+            outer()
+        assert not wfs.session.in_transaction()
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+    assert seen == [("rolled back", "outer")]
+
+
+def test_a_failed_joined_unit_fails_the_whole_unit_even_if_caught(setup: Setup) -> None:
+    """Like Django's atomic: a part that raised cannot be half-kept without a savepoint."""
+    wfs = setup.wfs
+
+    @wfs.transaction
+    def inner() -> None:
+        add(setup, "inner")
+        raise LookupError("no such model")
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with pytest.raises(UnitOfWorkError, match=r"rolled back, not committed.*'.*inner'"):
+            with wfs.transaction(name="outer"):
+                add(setup, "outer")
+                with contextlib.suppress(LookupError):
+                    inner()
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+
+
+# -- Savepoints ----------------------------------------------------------------
+
+
+def test_a_savepoint_undoes_only_its_part(setup: Setup) -> None:
+    wfs = setup.wfs
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with wfs.transaction():
+            add(setup, "before")
+            with contextlib.suppress(LookupError), wfs.transaction(savepoint=True):
+                add(setup, "undone")
+                raise LookupError
+            add(setup, "after")
+    assert titles(setup) == ["after", "before"]
+    assert counts["commit"] == 1
+    assert counts["savepoint"] == 1
+
+
+def test_a_savepoint_that_succeeds_is_still_undone_with_its_unit(setup: Setup) -> None:
+    """The savepoint comes first, after reads only: on SQLite, Python's sqlite3
+    module has no transaction open then, and releasing the savepoint would
+    commit its part unless the unit begins the transaction first."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        with pytest.raises(LookupError), wfs.transaction():
+            wfs.session.scalars(sa.select(Conversation)).all()
+            with wfs.transaction(savepoint=True):
+                add(setup, "inside the savepoint")
+            raise LookupError
+    assert titles(setup) == []
+
+
+def test_the_outermost_unit_needs_no_savepoint(setup: Setup) -> None:
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with setup.wfs.transaction(savepoint=True):
+            add(setup, "one")
+    assert counts == {"commit": 1, "rollback": 0, "savepoint": 0, "release_savepoint": 0}
+
+
+# -- Commit and rollback inside a unit -----------------------------------------
+
+
+def test_commit_inside_a_unit_raises_and_commits_nothing(setup: Setup) -> None:
+    wfs = setup.wfs
+    commit = setup.db.session.commit if setup.db is not None else lambda: wfs.session.commit()
+
+    @wfs.transaction
+    def create() -> None:
+        add(setup, "written")
+        wfs.session.add(Conversation(title="unflushed"))
+        commit()
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with pytest.raises(UnitOfWorkError) as raised:
+            create()
+    message = str(raised.value)
+    assert "'session.commit()' at tests/test_transaction.py:" in message
+    assert "test_commit_inside_a_unit_raises_and_commits_nothing.<locals>.create" in message
+    assert "nothing was committed" in message
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+
+
+def test_a_helper_that_commits_cannot_split_the_unit_even_if_the_error_is_caught(
+    setup: Setup,
+) -> None:
+    wfs = setup.wfs
+    with setup.app.app_context():
+        with pytest.raises(LookupError), wfs.transaction():
+            add(setup, "first half")
+            with pytest.raises(UnitOfWorkError):
+                wfs.session.commit()
+            add(setup, "second half")
+            raise LookupError
+    assert titles(setup) == []
+
+
+@pytest.mark.parametrize("how", ["rollback", "close"])
+def test_rollback_or_close_inside_a_unit_raises_and_the_rest_is_not_committed(
+    setup: Setup, how: str
+) -> None:
+    wfs = setup.wfs
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with pytest.raises(UnitOfWorkError, match="rolled back, not committed") as ended:
+            with wfs.transaction(name="import"):
+                add(setup, "first half")
+                with pytest.raises(UnitOfWorkError, match="rolled back or closed at tests/"):
+                    getattr(wfs.session, how)()
+                add(setup, "second half")
+        assert "'import'" in str(ended.value)
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+
+
+def test_savepoints_the_app_opens_itself_work_inside_a_unit(setup: Setup) -> None:
+    """``session.begin_nested()`` is not a commit of the unit."""
+    wfs = setup.wfs
+    with setup.app.app_context(), wfs.transaction():
+        with wfs.session.begin_nested():
+            add(setup, "kept")
+        with contextlib.suppress(LookupError), wfs.session.begin_nested():
+            add(setup, "undone")
+            raise LookupError
+    assert titles(setup) == ["kept"]
+
+
+# -- Nothing written, nothing committed -----------------------------------------
+
+
+def test_a_unit_that_sent_nothing_sends_nothing(setup: Setup) -> None:
+    wfs = setup.wfs
+
+    @wfs.transaction
+    def nothing() -> str:
+        return "done"
+
+    with units(setup) as seen, counting(setup.engine) as counts, setup.app.app_context():
+        assert nothing() == "done"
+        assert checked_out(setup.engine) == 0
+    assert counts["commit"] == counts["rollback"] == 0
+    assert [s for s, _ in seen] == ["committed"]
+
+
+def test_a_unit_that_only_read_sends_no_commit_and_keeps_objects_loaded(
+    setup: Setup, conversation_id: int
+) -> None:
+    wfs = setup.wfs
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with wfs.transaction():
+            conversation = wfs.session.get_one(Conversation, conversation_id)
+        assert "title" in conversation.__dict__  # not expired by a commit
+        assert counts["commit"] == 0
+
+
+def test_a_select_that_wrote_is_committed_because_the_database_says_so(
+    setup: Setup, backend: str
+) -> None:
+    """A ``select()`` construct is no write by its statement; PostgreSQL says it was."""
+    if dialect(backend) != "postgresql":  # only PostgreSQL runs data-modifying CTEs
+        return
+    table = Conversation.__table__
+    inserted = sa.insert(table).values(title="from a CTE").returning(table.c.id).cte()
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with setup.wfs.transaction():
+            setup.wfs.session.execute(sa.select(inserted.c.id)).all()
+    assert counts["commit"] == 1
+    assert titles(setup) == ["from a CTE"]
+
+
+# -- on_commit -----------------------------------------------------------------
+
+
+def test_on_commit_callbacks_run_in_order_after_the_commit(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[tuple[str, list[str]]] = []
+
+    @wfs.transaction
+    def create(title: str) -> None:
+        add(setup, title)
+        wfs.on_commit(lambda: ran.append(("first", titles(setup))))
+        wfs.on_commit(lambda: ran.append(("second", titles(setup))))
+
+    with setup.app.app_context():
+        with wfs.transaction():
+            create("a")
+            assert ran == []  # the joined unit did not commit
+    assert ran == [("first", ["a"]), ("second", ["a"])]
+
+
+def test_on_commit_callbacks_never_run_after_a_rollback(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context():
+        with pytest.raises(LookupError), wfs.transaction():
+            add(setup, "a")
+            wfs.on_commit(lambda: ran.append("after"))
+            raise LookupError
+        with wfs.transaction():  # a later unit's commit does not run them either
+            add(setup, "b")
+    assert ran == []
+
+
+def test_on_commit_inside_a_savepoint_that_rolled_back_is_dropped(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context(), wfs.transaction():
+        wfs.on_commit(lambda: ran.append("outer"))
+        with contextlib.suppress(LookupError), wfs.transaction(savepoint=True):
+            wfs.on_commit(lambda: ran.append("undone"))
+            with wfs.transaction(savepoint=True):  # released into the one that rolls back
+                wfs.on_commit(lambda: ran.append("undone, nested"))
+            raise LookupError
+        with wfs.transaction(savepoint=True):
+            wfs.on_commit(lambda: ran.append("kept"))
+    assert ran == ["outer", "kept"]
+
+
+def test_on_commit_outside_a_unit_waits_for_the_apps_own_commit(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[list[str]] = []
+    commit = setup.db.session.commit if setup.db is not None else lambda: wfs.session.commit()
+    with setup.app.app_context():
+        add(setup, "legacy")
+        wfs.on_commit(lambda: ran.append(titles(setup)))
+        assert ran == []
+        commit()
+        assert ran == [["legacy"]]
+
+
+def test_a_raising_callback_is_logged_and_the_others_run(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    wfs = setup.wfs
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise ConnectionError("broker down")
+
+    @wfs.transaction
+    def create() -> str:
+        add(setup, "kept")
+        wfs.on_commit(broken)
+        wfs.on_commit(lambda: ran.append("second"))
+        return "returned"
+
+    with caplog.at_level(logging.ERROR, "flask_wfsession"), setup.app.app_context():
+        assert create() == "returned"
+    assert ran == ["second"]
+    assert titles(setup) == ["kept"]
+    [record] = caplog.records
+    assert "'on_commit' callback registered at tests/test_transaction.py:" in record.message
+    assert record.exc_info and isinstance(record.exc_info[1], ConnectionError)
+
+
+def test_callbacks_left_when_the_context_ends_are_reported(setup: Setup) -> None:
+    ran: list[str] = []
+    with (
+        pytest.warns(DroppedCallbacksWarning, match=r"registered at tests/test_transaction.py:\d+"),
+        pytest.warns(DiscardedWritesWarning, match="app context teardown"),
+        setup.app.app_context(),
+    ):
+        add(setup, "never committed")
+        setup.wfs.on_commit(lambda: ran.append("after"))
+    assert ran == []
+
+
+def test_a_release_before_a_step_is_not_the_commit_callbacks_wait_for(
+    setup: Setup, conversation_id: int
+) -> None:
+    wfs = setup.wfs
+    ran: list[list[str]] = []
+
+    @long_running("llm")
+    def ask_llm() -> str:
+        return "answer"
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        wfs.session.get_one(Conversation, conversation_id)
+        wfs.on_commit(lambda: ran.append(titles(setup)))
+        ask_llm()  # ends the read-only transaction: a COMMIT, but not the app's
+        assert counts["commit"] == 1 and ran == []
+        add(setup, "answer")
+        wfs.session.commit()
+    assert ran == [["answer", "hello"]]
+
+
+# -- Long-running steps inside a unit -------------------------------------------
+
+
+def test_a_step_inside_a_unit_that_wrote_holds_the_unit_whole(setup: Setup) -> None:
+    wfs = setup.wfs
+    held: list[int] = []
+
+    @long_running("llm")
+    def ask_llm() -> str:
+        held.append(checked_out(setup.engine))
+        return "answer"
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with wfs.transaction(name="chat"):
+            add(setup, "question")
+            with pytest.warns(HeldConnectionWarning, match="inside the unit of work 'chat'"):
+                answer = ask_llm()
+            assert titles(setup) == []  # the step committed nothing
+            add(setup, answer)
+    assert held == [1]
+    assert counts["commit"] == 1
+    assert titles(setup) == ["answer", "question"]
+
+
+@pytest.mark.parametrize("pending", ["raise", "commit", "rollback"])
+def test_no_policy_commits_or_rolls_back_a_unit_that_wrote(setup: Setup, pending: str) -> None:
+    wfs = setup.wfs
+
+    @long_running("llm", pending=pending)  # type: ignore[call-overload]
+    def ask_llm() -> str:
+        return "answer"
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with wfs.transaction(name="chat"):
+            add(setup, "question")
+            if pending == "raise":
+                with pytest.raises(PendingChangesError, match="Keep slow steps outside units"):
+                    ask_llm()
+            else:
+                with pytest.warns(HeldConnectionWarning, match="unit of work 'chat'"):
+                    ask_llm()
+            assert counts["commit"] == counts["rollback"] == 0
+            add(setup, "after")
+    assert titles(setup) == ["after", "question"]
+
+
+def test_a_step_inside_a_read_only_unit_releases_it(setup: Setup, conversation_id: int) -> None:
+    wfs = setup.wfs
+    held: list[int] = []
+
+    @long_running("llm")
+    def ask_llm() -> str:
+        held.append(checked_out(setup.engine))
+        return "answer"
+
+    @wfs.transaction
+    def chat() -> None:
+        conversation = wfs.session.get_one(Conversation, conversation_id)
+        answer = ask_llm()
+        conversation.messages.append(Message(content=answer))
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        chat()
+    assert held == [0]
+    assert counts["commit"] == 2  # the release's end of the read, then the unit's
+    engine = sa.create_engine(setup.engine.url, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        assert connection.scalars(sa.select(Message.content)).all() == ["answer"]
+    engine.dispose()
+
+
+def test_a_step_inside_a_savepoint_holds(setup: Setup) -> None:
+    wfs = setup.wfs
+    with setup.app.app_context(), wfs.transaction():
+        wfs.session.scalars(sa.select(Conversation)).all()  # read only, but in a savepoint:
+        with wfs.transaction(savepoint=True):
+            with pytest.warns(HeldConnectionWarning, match="unit of work"), long_running("llm"):
+                assert checked_out(setup.engine) == 1
+
+
+# -- Where units run -------------------------------------------------------------
+
+
+def test_a_view_that_fails_rolls_back_its_unit(setup: Setup) -> None:
+    app, wfs = setup.app, setup.wfs
+
+    @app.post("/conversations/<title>")
+    @wfs.transaction
+    def create(title: str) -> dict[str, str]:
+        add(setup, title)
+        if title == "bad":
+            raise ValueError(title)
+        return {"title": title}
+
+    app.config["TESTING"] = False  # a 500 response, as in production
+    client = app.test_client()
+    assert client.post("/conversations/good").status_code == 200
+    assert client.post("/conversations/bad").status_code == 500
+    assert titles(setup) == ["good"]
+
+
+def test_a_cli_command_runs_as_one_unit(setup: Setup) -> None:
+    app, wfs = setup.app, setup.wfs
+
+    @app.cli.command("import-titles")
+    @click.argument("names", nargs=-1)
+    @wfs.transaction
+    def import_titles(names: tuple[str, ...]) -> None:
+        for name in names:
+            if name == "bad":
+                raise click.ClickException("bad title")
+            add(setup, name)
+
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["import-titles", "a", "bad", "b"]).exit_code == 1
+    assert titles(setup) == []
+    assert runner.invoke(args=["import-titles", "a", "b"]).exit_code == 0
+    assert titles(setup) == ["a", "b"]
+
+
+def test_workers_each_commit_their_own_unit_at_the_same_time(setup: Setup) -> None:
+    """Two workers hold their units open at once: one decorated function, two
+    app contexts, two sessions, two commits (the pool has two connections)."""
+    wfs = setup.wfs
+    both_inside = threading.Barrier(2, timeout=10)
+
+    @wfs.transaction
+    def create(title: str) -> None:
+        wfs.session.scalars(sa.select(Conversation)).all()  # each holds a connection
+        wfs.session.add(Conversation(title=title))  # flushed by its commit (SQLite: one writer)
+        both_inside.wait()
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        workers = [wfs.spawn(create, title) for title in ("one", "two")]
+        for worker in workers:
+            worker.join()
+    assert counts["commit"] == 2
+    assert titles(setup) == ["one", "two"]
+
+
+def test_async_functions_are_units_too(setup: Setup) -> None:
+    wfs = setup.wfs
+
+    @wfs.transaction
+    async def create(title: str) -> str:
+        await asyncio.sleep(0)
+        add(setup, title)
+        return title
+
+    with setup.app.app_context():
+        assert asyncio.run(create("async")) == "async"
+    assert titles(setup) == ["async"]
+
+
+def test_two_tasks_in_one_context_cannot_interleave_units(setup: Setup) -> None:
+    """An ``asyncio.gather`` in one view shares one session: a unit ending
+    before the one entered after it is refused, and nothing is committed."""
+    wfs = setup.wfs
+
+    async def both() -> None:
+        second_entered = asyncio.Event()
+
+        async def first() -> None:
+            async with wfs.transaction(name="first"):
+                add(setup, "first")
+                await second_entered.wait()
+
+        async def second() -> None:
+            async with wfs.transaction(name="second"):
+                second_entered.set()
+                await asyncio.sleep(0)  # the first one ends meanwhile
+                add(setup, "second")
+
+        await asyncio.gather(first(), second())
+
+    with setup.app.app_context(), pytest.raises(UnitOfWorkError, match="out of order"):
+        asyncio.run(both())
+    assert titles(setup) == []
+
+
+# -- Failures --------------------------------------------------------------------
+
+
+def test_a_failed_commit_rolls_back_drops_callbacks_and_raises(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context(), units(setup) as seen:
+        with pytest.raises(sa.exc.IntegrityError), wfs.transaction(name="duplicate"):
+            wfs.session.add(Conversation(id=7, title="a"))
+            wfs.session.flush()
+            wfs.session.expunge_all()
+            wfs.session.add(Conversation(id=7, title="b"))  # flushed by the commit: fails
+            wfs.on_commit(lambda: ran.append("after"))
+        assert not wfs.session.in_transaction()
+    assert ran == []
+    assert seen == [("rolled back", "duplicate")]
+    assert titles(setup) == []
+
+
+def test_a_raising_signal_receiver_does_not_undo_the_commit(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(sender: t.Any, **kwargs: t.Any) -> None:
+        raise RuntimeError("metrics down")
+
+    with signals.unit_committed.connected_to(broken), setup.app.app_context():
+        with caplog.at_level(logging.ERROR, "flask_wfsession"):
+            with setup.wfs.transaction():
+                add(setup, "kept")
+        with setup.wfs.transaction():  # the next unit starts clean
+            add(setup, "next")
+    assert titles(setup) == ["kept", "next"]
+    assert "unit-committed" in caplog.text
+
+
+def test_misuse_raises_errors_that_say_what_to_do(setup: Setup) -> None:
+    wfs = setup.wfs
+    with pytest.raises(NoAppContextError, match="app_context"), wfs.transaction():
+        pass
+    with pytest.raises(NoAppContextError):
+        wfs.on_commit(lambda: None)
+    with pytest.raises(TypeError, match=r"generator function .*'with wfs.transaction\(\):'"):
+
+        @wfs.transaction
+        def tokens() -> t.Iterator[str]:
+            yield "a"
+
+    with setup.app.app_context(), pytest.raises(TypeError, match="lambda"):
+        wfs.on_commit("summarize")  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore::flask_wfsession.IdleInTransactionWarning")  # the kill
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_writes_lost_with_their_connection_fail_the_unit(
+    setup: Setup, backend: str, uri: str
+) -> None:
+    """The server rolled back the first half: the unit must not commit the second."""
+    wfs = setup.wfs
+
+    @long_running("llm")
+    def ask_llm() -> str:
+        return "answer"
+
+    with setup.app.app_context():
+        with pytest.raises(UnitOfWorkError, match="writes were lost: the connection died"):
+            with wfs.transaction(name="chat"):
+                add(setup, "question")
+                kill(uri, backend, backend_id(wfs.session, backend))
+                with (
+                    pytest.warns(DiscardedWritesWarning, match="connection lost"),
+                    pytest.raises(PendingChangesError, match="lost"),
+                ):
+                    ask_llm()
+                add(setup, "answer")  # on a new connection
+    assert titles(setup) == []
