@@ -87,3 +87,10 @@ def chat_in_step(conversation_id: int, n: int) -> dict[str, t.Any]:
     session.add(Message(conversation_id=conversation.id, content=f"chat {n}"))
     session.commit()
     return {"thread": threading.get_ident(), "session": id(session), "held": held}
+
+
+@celery_app.task
+def find_message(message_id: int) -> str | None:
+    """What a task started for a new row sees of it: its content, or None."""
+    message = setup.wfs.session.get(Message, message_id)
+    return None if message is None else message.content

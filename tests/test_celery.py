@@ -107,6 +107,48 @@ def test_gevent_worker_runs_many_tasks_on_a_smaller_pool(
     assert contents(setup) == sorted(f"chat {n}" for n in range(concurrency))
 
 
+# The contrast waits for the worker inside the unit: idle in transaction.
+@pytest.mark.filterwarnings("ignore::flask_wfsession.IdleInTransactionWarning")
+def test_a_task_enqueued_on_commit_always_finds_its_row(
+    setup: Setup, conversation_id: int, worker: ModuleType
+) -> None:
+    """The row is committed before the task is sent, every time. The contrast: a
+    task sent inside the unit, and waited for there, runs before the commit."""
+    wfs = setup.wfs
+    sent: list[t.Any] = []
+    for n in range(20):
+        with setup.app.app_context(), wfs.transaction():
+            message = Message(conversation_id=conversation_id, content=f"message {n}")
+            wfs.session.add(message)
+            wfs.session.flush()
+            if n == 0:
+                assert worker.find_message.delay(message.id).get(timeout=60) is None
+            wfs.on_commit(
+                lambda message_id=message.id: sent.append(worker.find_message.delay(message_id))
+            )
+    assert [r.get(timeout=60) for r in sent] == [f"message {n}" for n in range(20)]
+
+
+def test_an_eager_task_runs_its_own_unit_not_the_callers(
+    setup: Setup, conversation_id: int
+) -> None:
+    celery_app = Celery("eager-units", set_as_current=False)
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    setup.wfs.init_celery(celery_app, setup.app)
+
+    @celery_app.task
+    @setup.wfs.transaction
+    def write(conversation_id: int) -> None:
+        setup.wfs.session.add(Message(conversation_id=conversation_id, content="the task's"))
+
+    with setup.app.app_context(), pytest.raises(LookupError):
+        with setup.wfs.transaction():
+            setup.wfs.session.add(Message(conversation_id=conversation_id, content="lost"))
+            write.delay(conversation_id)  # its own context, session and unit: committed
+            raise LookupError
+    assert contents(setup) == ["the task's"]
+
+
 def test_eager_task_gets_a_session_separate_from_the_caller(
     setup: Setup, conversation_id: int
 ) -> None:
