@@ -20,8 +20,8 @@ def summarize(conversation_id: int) -> str:
     transcript = "\n".join(f"{m.role}: {m.content}" for m in conversation.messages)
     llm: LLMClient = current_app.extensions["example_llm"]
     summary = llm.complete(f"Summarise this conversation:\n{transcript}")  # releases first
-    conversation.summary = summary
-    wfs.session.commit()
+    with wfs.transaction():
+        conversation.summary = summary
     return summary
 
 

@@ -44,26 +44,28 @@ def index() -> str:
 
 
 @bp.post("/api/conversations")
+@wfs.transaction  # committed when the view returns, rolled back if it raises
 def create_conversation() -> tuple[dict[str, t.Any], int]:
     conversation = Conversation(title=(request.get_json(silent=True) or {}).get("title", "chat"))
     wfs.session.add(conversation)
-    wfs.session.commit()
+    wfs.session.flush()  # the id, before the commit
     return {"id": conversation.id, "title": conversation.title}, 201
 
 
 @bp.post("/api/conversations/<int:conversation_id>/chat")
 def chat(conversation_id: int) -> dict[str, t.Any]:
-    """Store the question, ask the LLM, store the answer."""
+    """Store the question, ask the LLM, store the answer: two units of work with
+    the slow step between them, never inside one."""
     message = request.get_json(force=True)["message"]
-    conversation = conversation_or_404(conversation_id)
-    conversation.messages.append(Message(role="user", content=message))
-    wfs.session.commit()  # the question is kept even if the LLM fails
+    with wfs.transaction():  # the question is kept even if the LLM fails
+        conversation = conversation_or_404(conversation_id)
+        conversation.messages.append(Message(role="user", content=message))
     # Reading the history opens a new transaction; a plain app would now hold
     # its connection through the whole LLM call.
     prompt = "\n".join(f"{m.role}: {m.content}" for m in conversation.messages)
     answer = llm().complete(prompt)  # a long-running step: released first
-    conversation.messages.append(Message(role="assistant", content=answer))
-    wfs.session.commit()
+    with wfs.transaction():
+        conversation.messages.append(Message(role="assistant", content=answer))
     return {"answer": answer, "messages": len(conversation.messages)}
 
 
@@ -71,9 +73,9 @@ def chat(conversation_id: int) -> dict[str, t.Any]:
 def stream(conversation_id: int) -> Response:
     """Server-sent events: the answer's tokens as the LLM produces them."""
     message = request.args["message"]
-    conversation = conversation_or_404(conversation_id)
-    conversation.messages.append(Message(role="user", content=message))
-    wfs.session.commit()
+    with wfs.transaction():
+        conversation = conversation_or_404(conversation_id)
+        conversation.messages.append(Message(role="user", content=message))
 
     @stream_with_context
     def events() -> t.Iterator[str]:
@@ -91,10 +93,15 @@ def stream(conversation_id: int) -> Response:
 
 
 @bp.post("/api/conversations/<int:conversation_id>/summary")
+@wfs.transaction
 def summarize(conversation_id: int) -> tuple[dict[str, t.Any], int]:
-    """Start a background summary: Celery if configured, else a worker thread."""
-    conversation_or_404(conversation_id)
-    start_summary(conversation_id)
+    """Start a background summary: Celery if configured, else a worker thread.
+
+    The old summary is cleared in this unit, and the job starts once that is
+    committed, so it can never read the row before the change.
+    """
+    conversation_or_404(conversation_id).summary = None
+    wfs.on_commit(lambda: start_summary(conversation_id))
     return {"status": "started"}, 202
 
 
