@@ -26,6 +26,8 @@ from flask_wfsession import WFSession
 
 from .models import Base, Conversation
 
+pytest_plugins = ["pytester"]  # test_testing.py runs test files of its own
+
 # WFSESSION_TEST_DATABASE names another database on both servers, so that
 # two runs on one machine do not drop each other's tables.
 _DATABASE = os.environ.get("WFSESSION_TEST_DATABASE", "test")

@@ -27,6 +27,7 @@ from flask_wfsession import (
     long_running,
     signals,
 )
+from flask_wfsession.testing import FakeStep
 
 from .conftest import Setup, checked_out, dialect
 from .models import Conversation, Message
@@ -478,14 +479,11 @@ def test_no_policy_commits_or_rolls_back_a_unit_that_wrote(setup: Setup, pending
     assert titles(setup) == ["after", "question"]
 
 
-def test_a_step_inside_a_read_only_unit_releases_it(setup: Setup, conversation_id: int) -> None:
+def test_a_step_inside_a_read_only_unit_releases_it(
+    setup: Setup, conversation_id: int, wfs_step: t.Callable[..., FakeStep]
+) -> None:
     wfs = setup.wfs
-    held: list[int] = []
-
-    @long_running("llm")
-    def ask_llm() -> str:
-        held.append(checked_out(setup.engine))
-        return "answer"
+    ask_llm = wfs_step("answer", name="llm")  # the package's own test fixture
 
     @wfs.transaction
     def chat() -> None:
@@ -495,7 +493,7 @@ def test_a_step_inside_a_read_only_unit_releases_it(setup: Setup, conversation_i
 
     with setup.app.app_context(), counting(setup.engine) as counts:
         chat()
-    assert held == [0]
+    assert ask_llm.held == [0]
     assert counts["commit"] == 2  # the release's end of the read, then the unit's
     engine = sa.create_engine(setup.engine.url, poolclass=sa.pool.NullPool)
     with engine.connect() as connection:

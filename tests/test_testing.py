@@ -1,0 +1,214 @@
+"""The pytest plugin: each fixture runs in a test file of its own (pytester),
+against the same database, and this test checks what that run left behind."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import sqlalchemy as sa
+
+from .conftest import Setup
+from .models import Conversation
+
+HEADER = """
+import threading
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from flask_wfsession import (
+    HeldConnectionWarning,
+    PendingChangesError,
+    StepGuardError,
+    long_running,
+)
+from tests.conftest import make_app
+from tests.models import Conversation
+
+
+@pytest.fixture
+def app():
+    setup = make_app({integration!r}, {backend!r}, {uri!r}, name="inner")
+    yield setup.app
+    if hasattr(setup.app, "leaked"):  # after the leak check has looked
+        setup.app.leaked.close()
+    setup.engine.dispose()
+"""
+
+
+def run(pytester: pytest.Pytester, setup: Setup, body: str) -> pytest.RunResult:
+    """Run a test file made of the header and ``body``, on ``setup``'s database."""
+    integration = "flask-sqlalchemy" if setup.db is not None else "plain"
+    header = HEADER.format(
+        integration=integration,
+        backend=setup.engine.dialect.name.replace("mariadb", "mysql"),
+        uri=setup.engine.url.render_as_string(hide_password=False),
+    )
+    pytester.makepyfile(test_inner=header + textwrap.dedent(body))
+    return pytester.runpytest("-p", "no:cacheprovider")
+
+
+def titles(setup: Setup) -> list[str]:
+    with setup.wfs.detached(setup.app) as session:
+        return sorted(session.scalars(sa.select(Conversation.title)))
+
+
+def test_isolation_undoes_what_workers_eager_tasks_and_detached_sessions_wrote(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    with setup.wfs.detached(setup.app) as session:
+        session.add(Conversation(title="seed"))
+    result = run(
+        pytester,
+        setup,
+        """
+        import flask_wfsession.testing
+
+        # monkeypatch first: its patch stays until wfs_isolation has restored.
+        def test_writes_everywhere(monkeypatch, app, wfs_isolation):
+            wfs = app.extensions["wfsession"]
+            tasks = Celery("eager", set_as_current=False)
+            tasks.conf.update(task_always_eager=True, task_eager_propagates=True)
+            wfs.init_celery(tasks, app)
+            restoring = threading.Event()
+            restore = flask_wfsession.testing._restore
+
+            def checked_restore(*args):
+                restoring.set()
+                assert not late.is_alive(), "restored while a worker was still writing"
+                return restore(*args)
+
+            monkeypatch.setattr(flask_wfsession.testing, "_restore", checked_restore)
+
+            @tasks.task
+            def write_in_task():
+                wfs.session.add(Conversation(title="task"))
+                wfs.session.commit()
+
+            def write_late():  # still running when the test's body has ended
+                restoring.wait(1)  # a slow worker: set at once if the fixture did not wait
+                wfs.session.add(Conversation(title="late worker"))
+                wfs.session.commit()
+
+            with app.app_context():
+                late = wfs.spawn(write_late)
+                write_in_task.delay()
+                with wfs.detached() as session:
+                    session.add(Conversation(title="detached"))
+                    seed = sa.select(Conversation).filter_by(title="seed")
+                    session.scalars(seed).one().title = "changed"
+                wfs.session.add(Conversation(title="view"))
+                wfs.session.commit()
+                seen = sorted(wfs.session.scalars(sa.select(Conversation.title)))
+                wfs.session.commit()
+            assert seen == ["changed", "detached", "task", "view"]
+        """,
+    )
+    result.assert_outcomes(passed=1)
+    assert titles(setup) == ["seed"]
+
+
+def test_leak_check_names_what_the_test_left(pytester: pytest.Pytester, setup: Setup) -> None:
+    result = run(
+        pytester,
+        setup,
+        """
+        import warnings
+
+        def test_open_transaction(app, wfs_leak_check):
+            with app.app_context():
+                session = app.extensions["wfsession"].sessionmaker()
+            session.scalars(sa.select(Conversation)).all()
+            app.leaked = session  # kept open past the test
+
+        def test_discarded_writes(app, wfs_leak_check):
+            warnings.simplefilter("ignore")
+            with app.app_context():
+                app.extensions["wfsession"].session.add(Conversation(title="never committed"))
+
+        def test_clean(app, wfs_leak_check):
+            with app.app_context():
+                app.extensions["wfsession"].session.add(Conversation(title="kept"))
+                app.extensions["wfsession"].session.commit()
+        """,
+    )
+    result.assert_outcomes(passed=3, errors=2)  # the check fails them at teardown
+    result.stdout.fnmatch_lines(
+        [
+            "*test_open_transaction left: 1 connection(s) of engine 'default' still checked out*",
+            "*test_discarded_writes left: uncommitted writes were discarded: new Conversation*",
+        ]
+    )
+    assert titles(setup) == ["kept"]
+
+
+def test_strict_policy_raises_unless_the_test_opts_out(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    result = run(
+        pytester,
+        setup,
+        """
+        def write_then_step(app):
+            with app.app_context():
+                wfs = app.extensions["wfsession"]
+                wfs.session.add(Conversation(title="pending"))
+                wfs.session.flush()
+                try:
+                    with long_running("llm"):
+                        pass
+                finally:
+                    wfs.session.rollback()
+
+        def test_strict(app, wfs_strict):
+            with pytest.raises(PendingChangesError):
+                write_then_step(app)
+
+        @pytest.mark.wfsession(strict=False)
+        @pytest.mark.filterwarnings("ignore::flask_wfsession.HeldConnectionWarning")
+        def test_opted_out(app, wfs_strict):
+            write_then_step(app)  # held, as in production
+
+        def test_after(app):
+            with pytest.warns(HeldConnectionWarning):  # the app's own policy is back
+                write_then_step(app)
+        """,
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_fake_steps_return_at_once_and_still_release(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    result = run(
+        pytester,
+        setup,
+        """
+        def test_step(app, wfs_step, wfs_strict):
+            ask_llm = wfs_step("an answer", name="llm")
+            wfs = app.extensions["wfsession"]
+            with app.app_context():
+                wfs.session.scalars(sa.select(Conversation)).all()
+                assert ask_llm("a question") == "an answer"
+                with pytest.raises(StepGuardError, match="inside the long-running step 'llm'"):
+                    with long_running("llm"):
+                        wfs.session.scalars(sa.select(Conversation)).all()
+            assert ask_llm.calls == [(("a question",), {})]
+            assert ask_llm.held == [0]
+        """,
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_fixtures_without_an_app_fixture_say_what_to_define(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_inner="""
+        def test_no_app(wfs_isolation):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*use your 'app' fixture: define one that returns the Flask app*"])
