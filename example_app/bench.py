@@ -1,7 +1,7 @@
 """Load benchmark: the chat endpoint four ways, side by side, in one run.
 
 Run: ``.venv/bin/python -m example_app.bench`` (needs PostgreSQL and
-gunicorn; ``pip install -e '.[test,bench]'``). Each variant of
+gunicorn; ``pip install -e . --group test --group bench``). Each variant of
 :mod:`example_app.bench_app` is served by gunicorn (gthread, one worker, 64
 threads, pool_size 5, max_overflow 0) and driven by concurrent keep-alive
 clients; a monitor polls ``pg_stat_activity`` for the longest time any

@@ -1,7 +1,7 @@
 """Scale benchmark: streamed chats, 50 to 1,000 at once, gthread and gevent, in one run.
 
 Run: ``.venv/bin/python -m example_app.scale --plot docs/_static/scale.png``
-(needs PostgreSQL, gunicorn and gevent: ``pip install -e '.[test,bench]'``;
+(needs PostgreSQL, gunicorn and gevent: ``pip install -e . --group test --group bench``;
 about 15 minutes, ``--quick`` for a smoke run of a minute and a half).
 
 Each client of the load generator (:mod:`example_app.scale_load`) holds one
