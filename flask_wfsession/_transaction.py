@@ -376,20 +376,29 @@ def _exit(frame: _Frame, error: BaseException | None) -> None:
     unit.frames.pop()
     if unit.frames:  # joined the outer unit
         if frame.savepoint is not None:
-            _end_savepoint(frame.savepoint, error)
+            _end_savepoint(frame, error)
         elif error is not None and unit.failed is None:
             unit.failed = f"the unit of work {frame.name!r} inside it raised {error!r}"
         return
     _end(session, unit, error)
 
 
-def _end_savepoint(savepoint: orm.SessionTransaction, error: BaseException | None) -> None:
-    if not savepoint.is_active:  # already ended inside, by a commit or rollback that raised
+def _end_savepoint(frame: _Frame, error: BaseException | None) -> None:
+    savepoint = t.cast(orm.SessionTransaction, frame.savepoint)
+    if savepoint._transaction_is_closed():  # ended inside, by a commit or rollback that raised
         return
-    if error is None:
+    if error is None and savepoint.is_active:
         savepoint.commit()
-    else:
-        savepoint.rollback()
+        return
+    # An error, or a statement inside failed (a flush leaves the savepoint
+    # inactive): only this part is undone, and the unit can go on.
+    savepoint.rollback()
+    if error is None:
+        raise UnitOfWorkError(
+            f"A statement inside the savepoint {frame.name!r} failed, and its error was"
+            " caught inside it: that part was rolled back. Let the error leave the"
+            " 'wfs.transaction(savepoint=True)' block, and catch it outside."
+        )
 
 
 def _wrote(session: orm.Session) -> bool:

@@ -66,8 +66,8 @@ def titles(setup: Setup) -> list[str]:
         engine.dispose()
 
 
-def add(setup: Setup, title: str) -> None:
-    setup.wfs.session.add(Conversation(title=title))
+def add(setup: Setup, title: str, **values: t.Any) -> None:
+    setup.wfs.session.add(Conversation(title=title, **values))
     setup.wfs.session.flush()
 
 
@@ -183,6 +183,24 @@ def test_a_savepoint_undoes_only_its_part(setup: Setup) -> None:
     assert titles(setup) == ["after", "before"]
     assert counts["commit"] == 1
     assert counts["savepoint"] == 1
+
+
+def test_a_savepoint_whose_flush_failed_undoes_only_its_part(setup: Setup) -> None:
+    """The docs' example: a unique violation raised by the savepoint's own flush."""
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        with wfs.transaction():
+            add(setup, "order")
+            wfs.on_commit(lambda: ran.append("order"))
+            with pytest.raises(sa.exc.IntegrityError), wfs.transaction(savepoint=True):
+                wfs.on_commit(lambda: ran.append("coupon"))
+                add(setup, "coupon", id=7)
+            add(setup, "after")
+    assert titles(setup) == ["after", "order", "taken"]
+    assert ran == ["order"]
 
 
 def test_a_savepoint_that_succeeds_is_still_undone_with_its_unit(setup: Setup) -> None:
