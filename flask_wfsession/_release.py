@@ -61,26 +61,20 @@ class _Plan:
     action: Action = "release"
 
 
-def _open_block(session: orm.Session) -> tuple[str | None, bool]:
-    """The block ``session`` is in, and whether its transaction can end at all."""
+def _plan(session: orm.Session, policy: Pending) -> _Plan:
+    plan = _Plan(session, unflushed(session), None)
     tx = session.get_transaction()
     explicit = tx is not None and (
         tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN or session.in_nested_transaction()
     )
     unit = _transaction.unit_of(session)
     if unit is not None:
-        return unit.describe(), not explicit
-    if explicit:
-        return "an open 'session.begin()' or 'session.begin_nested()' block", False
-    if session.info.get(DETACHED_BLOCK):
-        return "an open 'wfs.detached()' block", True
-    return None, True
-
-
-def _plan(session: orm.Session, policy: Pending) -> _Plan:
-    block, can_end = _open_block(session)
-    plan = _Plan(session, unflushed(session), block, _transaction.UNIT in session.info)
-    if not can_end:
+        plan.block, plan.unit = unit.describe(), True
+    elif explicit:
+        plan.block = "an open 'session.begin()' or 'session.begin_nested()' block"
+    elif session.info.get(DETACHED_BLOCK):
+        plan.block = "an open 'wfs.detached()' block"
+    if explicit:  # the transaction itself cannot end
         plan.action = "raise" if policy == "raise" else "hold"
         return plan
     try:
@@ -101,7 +95,7 @@ def _plan(session: orm.Session, policy: Pending) -> _Plan:
         plan.action = "release"
     elif policy == "raise":
         plan.action = "raise"
-    elif policy == "hold" or block is not None:
+    elif policy == "hold" or plan.block is not None:
         plan.action = "hold" if touched else "release"
     else:
         plan.action = policy
@@ -152,16 +146,21 @@ def _end_keeping_unflushed(session: orm.Session, end: t.Callable[[], None], expi
         sa.inspect(obj).insert_order = order[id(obj)]
 
 
+def _problem(plan: _Plan) -> str:
+    """Why ``plan``'s session may not be released, for the refusal."""
+    changes = "; ".join(plan.changes)
+    if plan.unit:
+        return (
+            f"{plan.block} is open and has written, and ending its transaction would split"
+            f" it ({changes or 'a savepoint is open'})"
+        )
+    if plan.block and plan.block.startswith("an open 'session.begin"):
+        return f"{plan.block} is open, and ending its transaction would split it"
+    return f"uncommitted writes are pending ({changes})"
+
+
 def _refusal(what: str, plans: list[_Plan]) -> PendingChangesError:
-    problems = [
-        f"{p.block} is open, and ending its transaction would split it"
-        if p.block and p.block.startswith("an open 'session.begin")
-        else f"{p.block} is open and has written, and ending its transaction would split it"
-        f" ({'; '.join(p.changes) or 'a savepoint is open'})"
-        if p.unit
-        else f"uncommitted writes are pending ({'; '.join(p.changes)})"
-        for p in plans
-    ]
+    problems = [_problem(p) for p in plans]
     if any(p.unit for p in plans):
         first = (
             "Keep slow steps outside units of work: end the unit before the step, and"

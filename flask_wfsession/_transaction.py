@@ -117,7 +117,7 @@ def lost(session: orm.Session, reason: str) -> None:
     unit = unit_of(session)
     if unit is not None and unit.failed is None:
         unit.failed = f"its writes were lost: {reason}"
-    session.info.pop(_CALLBACKS, None)
+    _dropped(session.info.pop(_CALLBACKS, []), reason)
 
 
 def on_commit(session: orm.Session, fn: t.Callable[[], object]) -> None:
@@ -145,6 +145,18 @@ def _run(callbacks: list[_Callback]) -> None:
 
 def _sites(callbacks: list[_Callback]) -> str:
     return ", ".join(c.site or repr(c.fn) for c in callbacks)
+
+
+def _dropped(callbacks: list[_Callback], why: str) -> None:
+    """Log callbacks dropped because their transaction rolled back (expected: the
+    rollback itself is what the app sees)."""
+    if callbacks:
+        _report.log().info(
+            "Dropped %d 'on_commit' callbacks (registered at %s): %s.",
+            len(callbacks),
+            _sites(callbacks),
+            why,
+        )
 
 
 def forget(session: orm.Session) -> list[_Callback]:
@@ -221,12 +233,8 @@ def transaction_ended(session: orm.Session) -> None:
     if unit is None:
         if committed:
             _run(callbacks)
-        elif callbacks:
-            _report.log().info(
-                "Dropped %d 'on_commit' callbacks (registered at %s): the session rolled back.",
-                len(callbacks),
-                _sites(callbacks),
-            )
+        else:
+            _dropped(callbacks, "the session rolled back")
         return
     site = user_frame()
     unit.failed = f"its transaction was ended{f' at {site}' if site else ''} from inside it"
@@ -452,13 +460,7 @@ def _after(session: orm.Session, unit: _Unit, committed: bool | None) -> None:
     waiting: list[_Callback] = info.pop(_CALLBACKS, [])
     if committed is None:
         due = []
-        if waiting:
-            _report.log().info(
-                "Dropped %d 'on_commit' callbacks (registered at %s): %s rolled back.",
-                len(waiting),
-                _sites(waiting),
-                unit.describe(),
-            )
+        _dropped(waiting, f"{unit.describe()} rolled back")
     elif committed:
         due = waiting
     else:  # nothing to commit: the unit's own callbacks run, earlier ones wait

@@ -31,6 +31,14 @@ def contents(setup: Setup) -> list[str]:
         return sorted(session.scalars(sa.select(Message.content)))
 
 
+def eager_celery(setup: Setup, name: str) -> Celery:
+    """A Celery app that runs tasks in the caller's thread, connected to ``setup``."""
+    celery_app = Celery(name, set_as_current=False)
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    setup.wfs.init_celery(celery_app, setup.app)
+    return celery_app
+
+
 @pytest.fixture
 def start_worker(
     setup: Setup, integration: str, backend: str, uri: str, monkeypatch: pytest.MonkeyPatch
@@ -132,9 +140,7 @@ def test_a_task_enqueued_on_commit_always_finds_its_row(
 def test_an_eager_task_runs_its_own_unit_not_the_callers(
     setup: Setup, conversation_id: int
 ) -> None:
-    celery_app = Celery("eager-units", set_as_current=False)
-    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
-    setup.wfs.init_celery(celery_app, setup.app)
+    celery_app = eager_celery(setup, "eager-units")
 
     @celery_app.task
     @setup.wfs.transaction
@@ -152,9 +158,7 @@ def test_an_eager_task_runs_its_own_unit_not_the_callers(
 def test_eager_task_gets_a_session_separate_from_the_caller(
     setup: Setup, conversation_id: int
 ) -> None:
-    celery_app = Celery("eager", set_as_current=False)
-    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
-    setup.wfs.init_celery(celery_app, setup.app)
+    celery_app = eager_celery(setup, "eager")
 
     @celery_app.task
     def write(conversation_id: int) -> int:
