@@ -143,6 +143,7 @@ class WFSession:
         for key, each in engines.items():
             manage(each)
             _gevent.watch(each)
+            _transaction.watch(each)
             if watched:
                 _telemetry.watch(app, key, each, idle_warning)
         sessionmaker = make_sessionmaker(engines, self._session_options)

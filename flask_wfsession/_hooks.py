@@ -9,7 +9,7 @@
   noted cheaply (one ``isinstance`` per statement); it is used only where the
   database cannot answer: a dead connection, row locks on MariaDB.
 * When the outermost transaction ends, all of it is forgotten.
-* Commits, rollbacks and ends of transactions: the units of work and
+* Commits and ends of transactions and savepoints: the units of work and
   ``on_commit`` callbacks of :mod:`~flask_wfsession._transaction`.
 
 Used for this package's :class:`~flask_wfsession.Session` and for an adopted
@@ -88,6 +88,8 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
     if _telemetry._watches:
         _telemetry.began(info, connection)
     began(connection)
+    if connection.dialect.name == "sqlite":
+        _transaction.began(session, connection)
     if not info.pop(_STATEMENT, False):
         # Taken by 'session.connection()', for SQL that no session hook sees:
         # it may write, and it was not checked yet (refused or warned now; a
@@ -102,7 +104,9 @@ def _on_commit(session: orm.Session) -> None:
 
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
-    if transaction.origin is not _SUBTRANSACTION and not transaction.nested:
+    if transaction.nested:
+        _transaction.savepoint_ended(session, transaction)
+    elif transaction.origin is not _SUBTRANSACTION:
         info = session.info
         if HOLDERS in info:
             _telemetry.ended(info)
@@ -122,7 +126,8 @@ def install(target: t.Any) -> None:
     event.listen(target, "before_flush", _on_flush)
     event.listen(target, "after_transaction_create", _on_transaction_create)
     event.listen(target, "after_begin", _on_begin)
-    event.listen(target, "before_commit", _on_commit)
-    event.listen(target, "after_commit", _transaction.after_commit)
-    event.listen(target, "after_soft_rollback", _transaction.after_soft_rollback)
+    # First, before Flask-SQLAlchemy's own (its signals must not announce a
+    # commit that a unit refuses, nor hide one that happened).
+    event.listen(target, "before_commit", _on_commit, insert=True)
+    event.listen(target, "after_commit", _transaction.after_commit, insert=True)
     event.listen(target, "after_transaction_end", _on_transaction_end)

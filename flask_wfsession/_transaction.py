@@ -12,39 +12,54 @@ every thread and app context.
 While a unit is open, the session's hooks (``_hooks``) call in here:
 
 * a ``session.commit()`` by anyone but the unit raises before anything is
-  flushed or sent (:func:`before_commit`);
+  flushed or sent, and before a savepoint of the unit is released
+  (:func:`before_commit`);
 * a rollback or close by anyone but the unit has undone the unit's work: the
   unit is marked failed, so it can no longer commit the rest, and the caller
   gets the error at once (:func:`transaction_ended`);
+* a savepoint that ends without being released (rolled back, or closed by a
+  flush that failed inside it) takes the callbacks registered inside it
+  along (:func:`savepoint_ended`);
 * a release before a long-running step (``_release``) asks :func:`unit_of`,
   and never commits or rolls back a unit that wrote: it holds it, or raises.
 
 ``on_commit`` callbacks wait on the session for its next real commit: the
 outermost unit's, or, outside units, the app's own ``session.commit()``. A
 release ending a read-only transaction before a step is not one.
+
+A unit belongs to the code that entered it: joining it is allowed only from
+inside that code's call (the frame that entered it is on the stack). Another
+asyncio task sharing the app context, or the caller of a generator paused
+inside a unit, would otherwise join a unit it cannot see end.
+
+On SQLite, Python's ``sqlite3`` module sends ``BEGIN`` only before a write,
+so a ``SAVEPOINT`` sent first starts a transaction of its own, which its
+release commits. While a unit is open, the unit begins the transaction
+before any savepoint (:func:`watch`), its own or the app's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
+import sys
 import time
 import typing as t
-from types import TracebackType
+import weakref
+from types import FrameType, TracebackType
 
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
+from flask import Flask
 
 from . import _report, signals
 from ._callsite import user_frame
 from ._database import invalidated, session_touched
 from ._errors import DroppedCallbacksWarning, UnitOfWorkError
 from ._pending import has_unflushed
-
-if t.TYPE_CHECKING:
-    from flask import Flask
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -53,6 +68,7 @@ UNIT = "flask_wfsession.unit"  # Session.info: the open unit of work
 _ENDING = "flask_wfsession.ending"  # Session.info: the unit or a release is ending the transaction
 _CALLBACKS = "flask_wfsession.on_commit"  # Session.info: callbacks waiting for a commit
 _COMMITTED = "flask_wfsession.committed"  # Session.info: the ending transaction committed
+_RELEASED = "flask_wfsession.released"  # Session.info: the savepoint whose release is ending
 
 Ending = t.Literal["unit", "release"]
 
@@ -65,6 +81,14 @@ class _Frame:
     unit: _Unit
     name: str
     savepoint: orm.SessionTransaction | None = None
+    entry: Transaction | None = None  # the object of a 'with' block
+
+
+# The frames of the 'with wfs.transaction()' blocks open in this thread or task,
+# so that one Transaction object can serve several at once.
+_WITH: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
+    "flask_wfsession.with", default=()
+)
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,9 +96,11 @@ class _Unit:
     app: Flask
     name: str  # of the outermost entry
     site: str | None  # where it was entered
+    owner: FrameType | None  # the Python frame running it: joins come from its call
     started: float = dataclasses.field(default_factory=time.perf_counter)
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     failed: str | None = None  # why it can no longer commit
+    abandoned: bool = False  # still open when its app context ended
 
     def describe(self) -> str:
         where = f" (entered at {self.site})" if self.site else ""
@@ -161,8 +187,17 @@ def _dropped(callbacks: list[_Callback], why: str) -> None:
 
 def forget(session: orm.Session) -> list[_Callback]:
     """At the end of the session's app context: clear any unit still open (a
-    generator left unfinished) and return the callbacks that never ran."""
-    session.info.pop(UNIT, None)
+    generator left unfinished; logged) and return the callbacks that never ran."""
+    unit: _Unit | None = session.info.pop(UNIT, None)
+    if unit is not None:
+        unit.abandoned = True
+        unit.owner = None  # let the paused frame go
+        _report.log().warning(
+            "%s was still open when its app context ended: its transaction was"
+            " rolled back with the context's session. Finish the generator (or the"
+            " code) that entered it inside the context.",
+            unit.describe()[0].upper() + unit.describe()[1:],
+        )
     return t.cast("list[_Callback]", session.info.pop(_CALLBACKS, []))
 
 
@@ -177,15 +212,53 @@ def report_dropped(callbacks: list[_Callback], reason: str) -> None:
     )
 
 
+# -- SQLite: the transaction begins before a savepoint --------------------------
+
+# The sessions of the SQLite connections in a transaction, for the engine's
+# savepoint event, which sees only the connection.
+_SQLITE_SESSIONS: weakref.WeakKeyDictionary[sa.Connection, weakref.ref[orm.Session]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def watch(engine: sa.Engine) -> None:
+    """On a SQLite engine, begin the transaction before a savepoint sent inside a unit."""
+    if engine.dialect.name == "sqlite" and not sa.event.contains(
+        engine, "savepoint", _before_savepoint
+    ):
+        sa.event.listen(engine, "savepoint", _before_savepoint)
+
+
+def began(session: orm.Session, connection: sa.Connection) -> None:
+    """``session``'s transaction took ``connection`` (called for SQLite only)."""
+    _SQLITE_SESSIONS[connection] = weakref.ref(session)
+
+
+def _before_savepoint(connection: sa.Connection, name: str | None) -> None:
+    ref = _SQLITE_SESSIONS.get(connection)
+    session = ref() if ref is not None else None
+    if session is None or UNIT not in session.info:
+        return  # outside units, the app's savepoints behave as without the extension
+    driver = connection.connection.dbapi_connection
+    if driver is None or getattr(driver, "in_transaction", True):
+        return
+    if getattr(driver, "isolation_level", None) is not None:  # None: the app's autocommit
+        connection.exec_driver_sql("BEGIN")
+
+
 # -- The session's hooks (installed by _hooks) ---------------------------------
 
 
 def before_commit(session: orm.Session) -> None:
-    """Refuse a commit of the whole transaction while a unit is open, unless the
-    unit or a release ends it. Savepoints (``begin_nested()``) may be released."""
+    """Refuse a commit of the whole transaction, or of one of its savepoints,
+    while a unit is open, unless the unit or a release ends it. The app's own
+    savepoints (``begin_nested()``) may be released."""
     info = session.info
-    unit = info.get(UNIT)
-    if unit is None or info.get(_ENDING) is not None or session.in_nested_transaction():
+    unit: _Unit | None = info.get(UNIT)
+    if unit is None or info.get(_ENDING) is not None:
+        return
+    nested = session.get_nested_transaction()
+    if nested is not None and not any(f.savepoint is nested for f in unit.frames):
         return
     site = user_frame()
     raise UnitOfWorkError(
@@ -198,15 +271,32 @@ def before_commit(session: orm.Session) -> None:
 
 
 def after_commit(session: orm.Session) -> None:
-    if _CALLBACKS in session.info and not session.in_nested_transaction():
-        session.info[_COMMITTED] = True
+    """Note a commit (the outermost one, or a savepoint's release) as it happens:
+    the listeners after ours may still raise, leaving the transaction committed
+    but not ended."""
+    info = session.info
+    nested = session.get_nested_transaction()
+    if nested is None:
+        info[_COMMITTED] = True
+    elif UNIT in info or _CALLBACKS in info:
+        info[_RELEASED] = nested
 
 
-def after_soft_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
-    """A savepoint rolled back: drop the callbacks registered inside it."""
-    callbacks: list[_Callback] | None = session.info.get(_CALLBACKS)
-    if previous.nested and callbacks:
-        session.info[_CALLBACKS] = [c for c in callbacks if not _inside(c.savepoint, previous)]
+def committed(session: orm.Session) -> bool:
+    """Whether the session's transaction committed (and a listener after the
+    COMMIT raised, so it has not ended yet): nothing in it can be lost."""
+    return bool(session.info.get(_COMMITTED))
+
+
+def savepoint_ended(session: orm.Session, savepoint: orm.SessionTransaction) -> None:
+    """A savepoint ended: unless it was released, drop the callbacks registered
+    inside it (a rollback, or a flush that failed inside it and closed it)."""
+    info = session.info
+    if (UNIT not in info and _CALLBACKS not in info) or info.pop(_RELEASED, None) is savepoint:
+        return
+    callbacks: list[_Callback] | None = info.get(_CALLBACKS)
+    if callbacks:
+        info[_CALLBACKS] = [c for c in callbacks if not _inside(c.savepoint, savepoint)]
 
 
 def _inside(savepoint: orm.SessionTransaction | None, outer: orm.SessionTransaction) -> bool:
@@ -222,9 +312,9 @@ def transaction_ended(session: orm.Session) -> None:
     callbacks; if someone else ended an open unit's transaction, fail the unit
     and raise."""
     info = session.info
+    committed = info.pop(_COMMITTED, False)
     if UNIT not in info and _CALLBACKS not in info:  # the usual case
         return
-    committed = info.pop(_COMMITTED, False)
     kind = info.get(_ENDING)
     if kind is not None:  # the unit's end and a release handle this themselves
         return
@@ -267,7 +357,6 @@ class Transaction:
         self._current = current
         self.savepoint = savepoint
         self.name = name
-        self._active: list[_Frame] = []
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -282,7 +371,7 @@ class Transaction:
 
             @functools.wraps(func)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> t.Any:
-                frame = self._enter(name)
+                frame = self._enter(name, sys._getframe())
                 try:
                     result = await func(*args, **kwargs)
                 except BaseException as error:
@@ -295,7 +384,7 @@ class Transaction:
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            frame = self._enter(name)
+            frame = self._enter(name, sys._getframe())
             try:
                 result = func(*args, **kwargs)
             except BaseException as error:
@@ -306,24 +395,28 @@ class Transaction:
 
         return wrapper
 
-    def _enter(self, name: str) -> _Frame:
+    def _enter(self, name: str, caller: FrameType, entry: Transaction | None = None) -> _Frame:
+        """Open a unit, or join the open one; ``caller`` is the Python frame that
+        runs the unit's code."""
         app, session = self._current()
         unit = unit_of(session)
         if unit is None:
-            unit = _Unit(app, name, user_frame())
-            frame = _Frame(session, unit, name)
+            unit = _Unit(app, name, user_frame(), caller)
+            frame = _Frame(session, unit, name, entry=entry)
             session.info[UNIT] = unit
-        elif self.savepoint:
-            _start_sqlite_transaction(session)
-            frame = _Frame(session, unit, name, session.begin_nested())
         else:
-            frame = _Frame(session, unit, name)
+            _check_join(unit, name)
+            savepoint = session.begin_nested() if self.savepoint else None
+            frame = _Frame(session, unit, name, savepoint, entry)
         unit.frames.append(frame)
         return frame
 
     def __enter__(self) -> orm.Session:
-        frame = self._enter(self.name or "with wfs.transaction()")
-        self._active.append(frame)
+        return self._open(sys._getframe(1))
+
+    def _open(self, caller: FrameType) -> orm.Session:
+        frame = self._enter(self.name or "with wfs.transaction()", caller, self)
+        _WITH.set((*_WITH.get(), frame))
         return frame.session
 
     def __exit__(
@@ -332,10 +425,19 @@ class Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _exit(self._active.pop(), exc)
+        open_here = _WITH.get()
+        frame = next((f for f in reversed(open_here) if f.entry is self), None)
+        if frame is None:
+            raise UnitOfWorkError(
+                f"'with wfs.transaction()' ({self.name or 'unnamed'}) exited in another"
+                " thread or task than it was entered in, or twice. Enter and leave a unit"
+                " of work in the same code."
+            )
+        _WITH.set(tuple(f for f in open_here if f is not frame))
+        _exit(frame, exc)
 
     async def __aenter__(self) -> orm.Session:
-        return self.__enter__()
+        return self._open(sys._getframe(1))
 
     async def __aexit__(
         self,
@@ -346,29 +448,40 @@ class Transaction:
         self.__exit__(exc_type, exc, tb)
 
 
-def _start_sqlite_transaction(session: orm.Session) -> None:
-    """Begin the transaction on SQLite before a first SAVEPOINT.
-
-    Python's ``sqlite3`` (legacy transaction control, the default) sends
-    ``BEGIN`` only before a write. A SAVEPOINT sent first starts the
-    transaction itself, and releasing it then commits, so the unit around it
-    could no longer roll that part back.
-    """
-    try:
-        if session.get_bind().dialect.name != "sqlite":
+def _check_join(unit: _Unit, name: str) -> None:
+    """Refuse a join from code that does not run inside the unit's own call."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame is unit.owner:
             return
-    except sa.exc.UnboundExecutionError:
-        return
-    connection = session.connection()
-    driver = connection.connection.dbapi_connection
-    if driver is None or getattr(driver, "in_transaction", True):
-        return
-    if getattr(driver, "isolation_level", None) is not None:  # None: the app's autocommit
-        connection.exec_driver_sql("BEGIN")
+        frame = frame.f_back
+    owner = unit.owner
+    flags = owner.f_code.co_flags if owner is not None else 0
+    if flags & inspect.CO_COROUTINE:
+        who = "another asyncio task sharing this app context (an 'asyncio.gather' in one view?)"
+    elif flags & inspect.CO_GENERATOR:
+        who = "the caller of a paused generator that holds it open"
+    else:
+        who = "code that does not run inside it"
+    unit.failed = unit.failed or f"the unit of work {name!r} tried to join it from {who}"
+    raise UnitOfWorkError(
+        f"The unit of work {name!r} was entered by {who}, while {unit.describe()} is"
+        " open on the same session: joining it would commit or undo this work with"
+        " that unit's, out of this code's sight. Neither will commit. Give concurrent"
+        " work its own app context ('wfs.spawn', 'wfs.submit'), and finish a generator"
+        " before starting other units."
+    )
 
 
 def _exit(frame: _Frame, error: BaseException | None) -> None:
     session, unit = frame.session, frame.unit
+    if unit.abandoned:  # its app context ended first (and said so)
+        if error is None:
+            raise UnitOfWorkError(
+                f"T{unit.describe()[1:]} ended after its app context: its transaction"
+                " was rolled back with the context's session, nothing was committed."
+            )
+        return
     if unit_of(session) is not unit or not unit.frames or unit.frames[-1] is not frame:
         if frame in unit.frames:
             unit.frames.remove(frame)
@@ -376,10 +489,8 @@ def _exit(frame: _Frame, error: BaseException | None) -> None:
         raise UnitOfWorkError(
             f"Units of work ended out of order: {frame.name!r} ended while a unit"
             f" entered after it was still open, in {unit.describe()}, which can no"
-            " longer commit. Units of one app context must nest: two"
-            " tasks sharing a context (an 'asyncio.gather' in one view) cannot each run"
-            " a unit. Give each its own app context ('wfs.spawn', 'wfs.submit') or run"
-            " them one after the other."
+            " longer commit. Units must nest: leave them in the reverse order of"
+            " entering them ('with' blocks do)."
         )
     unit.frames.pop()
     if unit.frames:  # joined the outer unit
@@ -393,14 +504,18 @@ def _exit(frame: _Frame, error: BaseException | None) -> None:
 
 def _end_savepoint(frame: _Frame, error: BaseException | None) -> None:
     savepoint = t.cast(orm.SessionTransaction, frame.savepoint)
-    if savepoint._transaction_is_closed():  # ended inside, by a commit or rollback that raised
+    unit = frame.unit
+    if savepoint._transaction_is_closed():  # ended by code inside it
+        if unit.failed is None:
+            unit.failed = f"its savepoint {frame.name!r} was ended inside it"
         return
-    if error is None and savepoint.is_active:
-        savepoint.commit()
-        return
-    # An error, or a statement inside failed (a flush leaves the savepoint
-    # inactive): only this part is undone, and the unit can go on.
-    savepoint.rollback()
+    with ending(frame.session, "unit"):
+        if error is None and savepoint.is_active:
+            savepoint.commit()
+            return
+        # An error, or a statement inside failed (a flush leaves the savepoint
+        # inactive): only this part is undone, and the unit can go on.
+        savepoint.rollback()
     if error is None:
         raise UnitOfWorkError(
             f"A statement inside the savepoint {frame.name!r} failed, and its error was"
@@ -435,10 +550,13 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
             else:
                 session.rollback()
     except BaseException:
-        committed = None
-        with ending(session, "unit"):
-            if session.in_transaction():
-                session.rollback()
+        if committed and session.info.get(_COMMITTED):
+            pass  # the COMMIT went through; a listener after it raised (re-raised)
+        else:
+            committed = None
+            with ending(session, "unit"):
+                if session.in_transaction():
+                    session.rollback()
         raise
     finally:
         if session.info.get(UNIT) is unit:
@@ -456,7 +574,6 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
 def _after(session: orm.Session, unit: _Unit, committed: bool | None) -> None:
     """Run the due callbacks, then send the unit's signal (our state is final)."""
     info = session.info
-    info.pop(_COMMITTED, None)
     waiting: list[_Callback] = info.pop(_CALLBACKS, [])
     if committed is None:
         due = []

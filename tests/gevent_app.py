@@ -387,6 +387,67 @@ def workers_and_streams(built: Built, tag: str) -> dict[str, t.Any]:
     return out
 
 
+def units(built: Built, tag: str) -> dict[str, t.Any]:
+    """Units of work in ``STREAMS`` greenlets from ``wfs.spawn``, on a pool of three.
+
+    Each unit reads, waits inside a step until every unit is inside its own
+    (only possible if each read-only unit returned its connection), then
+    writes; the odd ones raise afterwards. Each greenlet's unit must commit
+    or roll back its own work only.
+    """
+    import sqlalchemy as sa
+
+    from flask_wfsession import long_running, signals
+
+    from .models import Conversation
+
+    app, wfs, engine = built
+    out: dict[str, t.Any] = {"errors": [], "signals": []}
+
+    def inside() -> None:
+        out["checked out, all units in steps"] = engine.pool.checkedout()
+
+    meeting = Meeting(STREAMS, inside)
+
+    @wfs.transaction
+    def work(i: int) -> None:
+        wfs.session.execute(sa.select(Conversation.id)).all()
+        with long_running("llm"):
+            meeting.arrive()
+        wfs.session.add(Conversation(title=f"{tag} unit {i}"))
+        wfs.session.flush()
+        if i % 2:
+            raise LookupError(i)
+
+    def worker(i: int) -> None:
+        try:
+            work(i)
+        except LookupError:
+            pass
+        except BaseException as e:
+            out["errors"].append(f"unit {i}: {e!r}")
+
+    def recorder(what: str) -> t.Callable[..., None]:
+        return lambda sender, **kwargs: out["signals"].append(what)
+
+    with (
+        signals.unit_committed.connected_to(recorder("committed")),
+        signals.unit_rolled_back.connected_to(recorder("rolled back")),
+        app.app_context(),
+    ):
+        threads = [wfs.spawn(worker, i) for i in range(STREAMS)]
+        for thread in threads:
+            thread.join(timeout=3 * WAIT)
+    out["unfinished"] = sum(thread.is_alive() for thread in threads)
+    with app.app_context(), wfs.detached() as session:
+        rows = session.scalars(
+            sa.select(Conversation.title).where(Conversation.title.like(f"{tag} unit %"))
+        )
+        out["unit rows"] = sorted(int(title.rsplit(" ", 1)[1]) for title in rows)
+    out["checked out after"] = engine.pool.checkedout()
+    return out
+
+
 def patch() -> None:
     from gevent import monkey
 
@@ -416,6 +477,7 @@ def main() -> None:
             result = rendezvous(built, f"{mode} {integration}")
             result["cross greenlet"] = cross_greenlet(built)
             result["workers and streams"] = workers_and_streams(built, f"{mode} {integration}")
+            result["units"] = units(built, f"{mode} {integration}")
         blocking += [w for w in caught if w.category is BlockingDriverWarning]
         result["warnings"] = [
             {"category": w.category.__name__, "message": str(w.message)}

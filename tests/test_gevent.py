@@ -60,6 +60,7 @@ def test_greenlets_keep_their_sessions_apart(tables: str, backend: str, mode: st
         check_rendezvous(integration, results[integration])
         check_cross_greenlet(integration, results[integration]["cross greenlet"])
         check_workers_and_streams(integration, results[integration]["workers and streams"])
+        check_units(integration, results[integration]["units"])
 
 
 def check_rendezvous(integration: str, seen: dict[str, t.Any]) -> None:
@@ -122,4 +123,20 @@ def check_workers_and_streams(integration: str, seen: dict[str, t.Any]) -> None:
     assert seen["worker rows"] == streams, where
     # Each stream read its own number back through its own session.
     assert seen["streams"] == [f"t0 {n}\nt1 {n}\nt2 {n}\n" for n in range(streams)], where
+    assert seen["checked out after"] == 0, where
+
+
+def check_units(integration: str, seen: dict[str, t.Any]) -> None:
+    """Units of work in greenlets: each commits or rolls back only its own."""
+    where = f"{integration}: {seen}"
+    streams = gevent_app.STREAMS
+    assert seen["errors"] == [], where
+    assert seen["unfinished"] == 0, where
+    # Every unit inside its step at once: read-only units gave their connections back.
+    assert seen["checked out, all units in steps"] == 0, where
+    assert seen["unit rows"] == list(range(0, streams, 2)), where
+    assert collections.Counter(seen["signals"]) == {
+        "committed": streams // 2,
+        "rolled back": streams // 2,
+    }, where
     assert seen["checked out after"] == 0, where

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import typing as t
+from concurrent.futures import ThreadPoolExecutor
 
 import click
 import pytest
@@ -291,6 +292,86 @@ def test_savepoints_the_app_opens_itself_work_inside_a_unit(setup: Setup) -> Non
     assert titles(setup) == ["kept"]
 
 
+@pytest.mark.parametrize("read_first", [True, False], ids=["after-a-read", "first"])
+def test_a_savepoint_the_app_opens_itself_is_undone_with_its_unit(
+    setup: Setup, read_first: bool
+) -> None:
+    """The app's own ``begin_nested()``, before any write: on SQLite the unit
+    begins the transaction first, so releasing the savepoint commits nothing."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        with pytest.raises(LookupError), wfs.transaction():
+            if read_first:
+                wfs.session.scalars(sa.select(Conversation)).all()
+            with wfs.session.begin_nested():
+                add(setup, "inside the app's savepoint")
+            raise LookupError
+        # Outside units the app's savepoints behave exactly as without the extension.
+        with wfs.session.begin_nested():
+            add(setup, "outside a unit")
+        wfs.session.commit()
+    assert titles(setup) == ["outside a unit"]
+
+
+@pytest.mark.parametrize("in_unit", [True, False], ids=["in-a-unit", "outside-units"])
+def test_on_commit_inside_the_apps_own_savepoint_whose_flush_failed_is_dropped(
+    setup: Setup, in_unit: bool
+) -> None:
+    """The failed flush ends the app's savepoint without a rollback() call of its own."""
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        with wfs.transaction() if in_unit else contextlib.nullcontext():
+            add(setup, "order")
+            with pytest.raises(sa.exc.IntegrityError), wfs.session.begin_nested():
+                wfs.on_commit(lambda: ran.append("coupon"))
+                add(setup, "coupon", id=7)
+            wfs.on_commit(lambda: ran.append("order"))
+        if not in_unit:
+            wfs.session.commit()
+    assert titles(setup) == ["order", "taken"]
+    assert ran == ["order"]
+
+
+@pytest.mark.parametrize("how", ["session.commit()", "savepoint.commit()"])
+def test_committing_inside_a_savepoint_unit_raises_and_keeps_the_savepoint(
+    setup: Setup, how: str
+) -> None:
+    """The refusal comes before the savepoint is released: the error caught,
+    a later error still undoes exactly the savepoint's part."""
+    wfs = setup.wfs
+    with setup.app.app_context(), wfs.transaction():
+        add(setup, "before")
+        with contextlib.suppress(LookupError), wfs.transaction(savepoint=True, name="coupon"):
+            add(setup, "undone")
+            with pytest.raises(UnitOfWorkError, match="nothing was committed"):
+                if how == "session.commit()":
+                    wfs.session.commit()
+                else:
+                    t.cast(sa.orm.SessionTransaction, wfs.session.get_nested_transaction()).commit()
+            raise LookupError
+        add(setup, "after")
+    assert titles(setup) == ["after", "before"]
+
+
+def test_a_savepoint_rolled_back_by_the_app_fails_its_unit(setup: Setup) -> None:
+    """Someone else ended the unit's savepoint: the unit cannot vouch for its
+    part any more, so it refuses to commit rather than guess."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        with pytest.raises(UnitOfWorkError, match="savepoint 'coupon' was ended inside it"):
+            with wfs.transaction():
+                add(setup, "before")
+                with wfs.transaction(savepoint=True, name="coupon"):
+                    add(setup, "coupon")
+                    t.cast(
+                        sa.orm.SessionTransaction, wfs.session.get_nested_transaction()
+                    ).rollback()
+    assert titles(setup) == []
+
+
 # -- Nothing written, nothing committed -----------------------------------------
 
 
@@ -335,6 +416,36 @@ def test_a_select_that_wrote_is_committed_because_the_database_says_so(
 
 
 # -- on_commit -----------------------------------------------------------------
+
+
+BULK_WRITES: dict[str, t.Callable[[sa.orm.Session], object]] = {
+    "bulk insert": lambda session: session.execute(
+        sa.insert(Conversation), [{"title": "bulk"}, {"title": "bulk"}]
+    ),
+    "bulk update": lambda session: session.execute(sa.update(Conversation).values(title="bulk")),
+    "raw connection": lambda session: session.connection().exec_driver_sql(
+        f"UPDATE {Conversation.__table__.name} SET title = 'bulk'"
+    ),
+}
+
+
+@pytest.mark.parametrize("write", BULK_WRITES)
+def test_bulk_and_raw_writes_commit_and_roll_back_with_their_unit(
+    setup: Setup, conversation_id: int, write: str
+) -> None:
+    """Writes the session has no object for: the database says they wrote."""
+    wfs = setup.wfs
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with pytest.raises(LookupError), wfs.transaction():
+            BULK_WRITES[write](wfs.session)
+            raise LookupError
+        assert titles(setup) == ["hello"]
+        with wfs.transaction():
+            wfs.session.execute(sa.select(Conversation.id)).all()
+            BULK_WRITES[write](wfs.session)
+    assert counts["commit"] == 1
+    expected = ["bulk", "bulk", "hello"] if write == "bulk insert" else ["bulk"]
+    assert titles(setup) == expected
 
 
 def test_on_commit_callbacks_run_in_order_after_the_commit(setup: Setup) -> None:
@@ -602,30 +713,104 @@ def test_async_functions_are_units_too(setup: Setup) -> None:
     assert titles(setup) == ["async"]
 
 
-def test_two_tasks_in_one_context_cannot_interleave_units(setup: Setup) -> None:
-    """An ``asyncio.gather`` in one view shares one session: a unit ending
-    before the one entered after it is refused, and nothing is committed."""
+def test_units_must_end_in_the_order_they_began(setup: Setup) -> None:
     wfs = setup.wfs
+    outer, inner = wfs.transaction(name="outer"), wfs.transaction(name="inner")
+    with setup.app.app_context():
+        outer.__enter__()
+        add(setup, "written")
+        inner.__enter__()
+        with pytest.raises(UnitOfWorkError, match="'outer' ended while a unit entered after"):
+            outer.__exit__(None, None, None)
+        with pytest.raises(UnitOfWorkError, match=r"rolled back, not committed.*out of order"):
+            inner.__exit__(None, None, None)
+    assert titles(setup) == []
+
+
+def test_a_task_sharing_the_context_cannot_join_another_tasks_unit(setup: Setup) -> None:
+    """The second task's unit would silently join the first one's and be undone
+    with it: it is refused, and the first unit, shared against its will, too."""
+    wfs = setup.wfs
+    errors: list[BaseException] = []
 
     async def both() -> None:
-        second_entered = asyncio.Event()
+        first_entered = asyncio.Event()
+        second_done = asyncio.Event()
 
         async def first() -> None:
             async with wfs.transaction(name="first"):
                 add(setup, "first")
-                await second_entered.wait()
+                first_entered.set()
+                await second_done.wait()
 
         async def second() -> None:
-            async with wfs.transaction(name="second"):
-                second_entered.set()
-                await asyncio.sleep(0)  # the first one ends meanwhile
-                add(setup, "second")
+            await first_entered.wait()
+            try:
+                async with wfs.transaction(name="second"):
+                    add(setup, "second")
+            except UnitOfWorkError as error:
+                errors.append(error)
+            finally:
+                second_done.set()
 
         await asyncio.gather(first(), second())
 
-    with setup.app.app_context(), pytest.raises(UnitOfWorkError, match="out of order"):
+    with setup.app.app_context(), pytest.raises(UnitOfWorkError, match=r"'first'.*rolled back"):
         asyncio.run(both())
+    [error] = errors
+    assert "'second'" in str(error) and "another asyncio task" in str(error)
     assert titles(setup) == []
+
+
+def test_a_unit_paused_in_a_generator_does_not_swallow_the_callers_unit(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    wfs = setup.wfs
+
+    def rows() -> t.Iterator[int]:
+        with wfs.transaction(name="paused"):
+            add(setup, "from the generator")
+            yield 1
+
+    with caplog.at_level(logging.WARNING, "flask_wfsession"):
+        with (
+            pytest.warns(DiscardedWritesWarning, match="app context teardown"),
+            setup.app.app_context(),
+        ):
+            paused = rows()
+            next(paused)
+            with pytest.raises(UnitOfWorkError, match=r"'caller'.*paused generator"):
+                with wfs.transaction(name="caller"):
+                    add(setup, "from the caller")
+    assert "unit of work 'paused'" in caplog.text and "still open" in caplog.text
+    assert titles(setup) == []
+    paused.close()
+
+
+def test_one_with_object_serves_several_threads_at_once(setup: Setup) -> None:
+    """A ``wfs.transaction()`` object made once (at import time, say) and used by
+    two workers whose blocks overlap: each ends its own unit."""
+    wfs = setup.wfs
+    shared = wfs.transaction(name="shared")
+    first_inside, second_inside = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with shared:
+            wfs.session.add(Conversation(title="first"))
+            first_inside.set()
+            assert second_inside.wait(10)
+        # leaves first, while the second thread is still inside
+
+    def second() -> None:
+        assert first_inside.wait(10)
+        with shared:
+            wfs.session.add(Conversation(title="second"))  # flushed by its commit
+            second_inside.set()
+
+    with setup.app.app_context(), ThreadPoolExecutor(2) as executor:
+        for worker in [wfs.submit(executor, first), wfs.submit(executor, second)]:
+            worker.result()
+    assert titles(setup) == ["first", "second"]
 
 
 # -- Failures --------------------------------------------------------------------
@@ -661,6 +846,37 @@ def test_a_raising_signal_receiver_does_not_undo_the_commit(
             add(setup, "next")
     assert titles(setup) == ["kept", "next"]
     assert "unit-committed" in caplog.text
+
+
+def test_a_commit_listener_that_raises_after_the_commit_does_not_hide_it(
+    make: t.Callable[..., Setup],
+) -> None:
+    """Flask-SQLAlchemy's ``models_committed`` receivers run after the COMMIT:
+    one that raises leaves the unit committed, its callbacks run, and its
+    error reaches the caller unchanged."""
+    setup = make(SQLALCHEMY_TRACK_MODIFICATIONS=True)
+    wfs = setup.wfs
+    ran: list[str] = []
+
+    def broken(*args: t.Any, **kwargs: t.Any) -> None:
+        raise RuntimeError("search index down")
+
+    if setup.db is not None:
+        from flask_sqlalchemy.track_modifications import models_committed
+
+        listening = models_committed.connected_to(broken)
+    else:
+        with setup.app.app_context():
+            sa.event.listen(wfs.sessionmaker, "after_commit", broken)
+        listening = contextlib.nullcontext()
+    with listening, setup.app.app_context(), units(setup) as seen:
+        with pytest.raises(RuntimeError, match="search index down"):
+            with wfs.transaction(name="indexed"):
+                add(setup, "kept")
+                wfs.on_commit(lambda: ran.append("after"))
+    assert titles(setup) == ["kept"]
+    assert ran == ["after"]
+    assert seen == [("committed", "indexed")]
 
 
 def test_misuse_raises_errors_that_say_what_to_do(setup: Setup) -> None:
