@@ -9,6 +9,7 @@ extension.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import time
@@ -128,17 +129,22 @@ def _wrap_async_generator(func: t.Any, name: str, pending: Pending | None) -> t.
     return wrapper
 
 
+# The 'with long_running()' blocks open in this thread or task.
+_WITH: contextvars.ContextVar[tuple[tuple[LongRunning, _step], ...]] = contextvars.ContextVar(
+    "flask_wfsession.long_running", default=()
+)
+
+
 class LongRunning:
     """A long-running step; see :func:`long_running`.
 
     Usable as a decorator, and as a context manager (``with`` and
-    ``async with``); make a new one for each ``with``.
+    ``async with``); one object may serve several threads and tasks at once.
     """
 
     def __init__(self, step: str | None = None, pending: Pending | None = None) -> None:
         self.step = step
         self.pending: Pending | None = _settings.pending("long_running(pending=...)", pending)
-        self._active: list[_step] = []
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
         name, pending = self.step or func.__qualname__, self.pending
@@ -165,7 +171,7 @@ class LongRunning:
     def __enter__(self) -> None:
         cm = _step(self.step or "long-running", self.pending)
         cm.__enter__()
-        self._active.append(cm)
+        _WITH.set((*_WITH.get(), (self, cm)))
 
     def __exit__(
         self,
@@ -173,7 +179,15 @@ class LongRunning:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._active.pop().__exit__(exc_type, exc, tb)
+        open_here = _WITH.get()
+        entry = next((e for e in reversed(open_here) if e[0] is self), None)
+        if entry is None:
+            raise RuntimeError(
+                f"'with long_running({self.step!r})' exited in another thread or task"
+                " than it was entered in, or twice."
+            )
+        _WITH.set(tuple(e for e in open_here if e is not entry))
+        entry[1].__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> None:
         self.__enter__()
@@ -203,8 +217,8 @@ def long_running(
     ``pending``; by default (``"hold"``) it keeps its connection through the
     step and this is reported. While the body runs, using a session made
     before it warns (:class:`~flask_wfsession.StepGuardWarning`), or raises
-    with ``WFSESSION_GUARD = "raise"``. Outside an app context this does
-    nothing.
+    with :confval:`WFSESSION_GUARD` set to ``"raise"``. Outside an app
+    context this does nothing.
 
     .. code-block:: python
 
@@ -223,7 +237,7 @@ def long_running(
     :param pending: what to do with a session whose transaction wrote:
         ``"hold"`` its connection through the step and report it, ``"raise"``
         :class:`~flask_wfsession.PendingChangesError`, ``"commit"`` them or
-        ``"rollback"`` and report them. Defaults to ``WFSESSION_PENDING``.
+        ``"rollback"`` and report them. Defaults to :confval:`WFSESSION_PENDING`.
     :raise SettingError: ``pending`` is not one of these.
     """
     if callable(step):

@@ -388,6 +388,48 @@ def test_generator_step_holds_no_connection_between_items(setup: Setup) -> None:
         assert out == ["a", "b", "c"]
 
 
+def test_one_with_object_serves_several_threads_at_once(make: t.Callable[..., Setup]) -> None:
+    """A ``long_running()`` object made once and entered by two threads whose
+    blocks overlap (the first leaves while the second is inside): each thread
+    ends its own step, for its own app."""
+    first_app, second_app = make().app, make().app
+    step = long_running("llm")
+    finished: list[tuple[str, Flask]] = []
+    first_inside, second_inside, first_left = (threading.Event() for _ in range(3))
+
+    def record(sender: Flask, **kwargs: t.Any) -> None:
+        finished.append((threading.current_thread().name, sender))
+
+    def first() -> None:
+        with first_app.app_context(), step:
+            first_inside.set()
+            assert second_inside.wait(10)
+        first_left.set()
+
+    def second() -> None:
+        assert first_inside.wait(10)
+        with second_app.app_context(), step:
+            second_inside.set()
+            assert first_left.wait(10)
+
+    errors: list[BaseException] = []
+
+    def run(fn: t.Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(fn,), name=fn.__name__) for fn in (first, second)]
+    with signals.long_running_finished.connected_to(record):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(finished, key=lambda f: f[0]) == [("first", first_app), ("second", second_app)]
+
+
 def test_generator_step_passes_sent_values_and_return(setup: Setup) -> None:
     @long_running("echo")
     def echo() -> t.Generator[int, int, str]:
