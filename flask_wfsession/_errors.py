@@ -82,7 +82,10 @@ class WFSessionWarning(UserWarning):
 
 
 class StepGuardWarning(WFSessionWarning):
-    """A session was used inside a long-running step (``WFSESSION_GUARD = "warn"``)."""
+    """A session was used inside a long-running step.
+
+    Issued when :confval:`WFSESSION_GUARD` is ``"warn"``, the default.
+    """
 
 
 class HeldConnectionWarning(WFSessionWarning):

@@ -69,7 +69,8 @@ class WFSession:
         ``db.session`` to adopt (default for :meth:`init_app`).
     :param engine: an engine to use instead (default for :meth:`init_app`).
     :param engine_options: defaults for the engine built from
-        ``WFSESSION_DATABASE_URI``; ``WFSESSION_ENGINE_OPTIONS`` overrides them.
+        :confval:`WFSESSION_DATABASE_URI`; :confval:`WFSESSION_ENGINE_OPTIONS`
+        overrides them.
     :param session_options: keyword arguments for the
         :class:`~sqlalchemy.orm.sessionmaker` of this extension's sessions.
     """
@@ -96,7 +97,7 @@ class WFSession:
 
         With ``db``, adopt its engines and ``db.session`` (call
         ``db.init_app(app)`` first). With ``engine``, use it. With neither,
-        build an engine from ``WFSESSION_DATABASE_URI``.
+        build an engine from :confval:`WFSESSION_DATABASE_URI`.
 
         :raise SetupError: already registered, both ``db`` and ``engine``, or no
             database configured.
@@ -323,8 +324,8 @@ class WFSession:
 
         The same release a long-running step does, without the guard.
 
-        :param pending: policy for uncommitted writes; ``WFSESSION_PENDING``
-            by default.
+        :param pending: policy for uncommitted writes;
+            :confval:`WFSESSION_PENDING` by default.
         :return: the sessions whose transactions were ended (held ones are
             not among them).
         :raise PendingChangesError: pending writes under ``"raise"``.
@@ -365,7 +366,7 @@ class WFSession:
         task or thread), ``thread``, ``held_for`` (seconds), ``state``
         (running a statement, idle in transaction, held through a step) and
         ``began_at`` (where its transaction began, ``file:line``). Holders
-        are listed while connections are watched: ``WFSESSION_IDLE_WARNING``
+        are listed while connections are watched: :confval:`WFSESSION_IDLE_WARNING`
         set (the default) or ``opentelemetry-api`` installed. The result is
         JSON-serialisable.
         """

@@ -28,7 +28,7 @@ long_running_started = _signals.signal("long-running-started")
 :param step: the step's name.
 :param pending: the pending-writes policy asked for (``"hold"``,
     ``"raise"``, ``"commit"`` or ``"rollback"``), or ``None`` for the app's
-    ``WFSESSION_PENDING``.
+    :confval:`WFSESSION_PENDING`.
 
 The extension's receiver releases the sessions here, and raises
 :class:`~flask_wfsession.PendingChangesError` when a session may not be
@@ -76,7 +76,7 @@ the step does not run; the sessions are already released or held.
 idle_in_transaction = _signals.signal("idle-in-transaction")
 """Sent when a connection sat in an open transaction, with no statement
 running and outside any long-running step, for longer than
-``WFSESSION_IDLE_WARNING`` seconds. Sent once per gap, when the next
+:confval:`WFSESSION_IDLE_WARNING` seconds. Sent once per gap, when the next
 statement or commit starts (or the app context ends).
 
 :param duration: the idle seconds, as a ``float``.
