@@ -26,7 +26,9 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     Configuration, besides ``WFSESSION_*``: ``LLM_URL`` (a provider; a fake
     one is started when unset), ``FAKE_LLM_LATENCY`` (seconds, default 1.0),
-    ``RELEASE_DURING_LLM`` (default ``True``; ``False`` shows a plain app),
+    ``RELEASE_DURING_LLM`` (default ``True``; ``False`` serves each chat as
+    one unit of work, as a plain app would, unless the request asks
+    ``?release=1``: see :func:`example_app.views.release_requested`),
     ``CELERY_BROKER_URL`` (run background jobs on Celery).
     """
     app = Flask(__name__)
@@ -57,9 +59,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
         app.extensions["example_fake_llm"] = fake
         app.config["LLM_URL"] = fake.url
     app.extensions["example_llm_waits"] = waits
-    app.extensions["example_llm"] = LLMClient(
-        app.config["LLM_URL"], release=app.config["RELEASE_DURING_LLM"], observe=waits.sample
-    )
+    app.extensions["example_llm"] = LLMClient(app.config["LLM_URL"], observe=waits.sample)
     init_jobs(app)
 
     from . import views

@@ -52,44 +52,109 @@ def create_conversation() -> tuple[dict[str, t.Any], int]:
     return {"id": conversation.id, "title": conversation.title}, 201
 
 
+def release_requested() -> bool:
+    """The page's switch: may this request release its connection during the LLM call?
+
+    ``?release=0`` serves the chat as a plain app would, ``?release=1`` with
+    the release; without the parameter, ``RELEASE_DURING_LLM`` decides.
+    """
+    switch = request.args.get("release")
+    if switch is None:
+        return bool(current_app.config["RELEASE_DURING_LLM"])
+    return switch != "0"
+
+
+def prompt_for(conversation: Conversation) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in conversation.messages)
+
+
 @bp.post("/api/conversations/<int:conversation_id>/chat")
 def chat(conversation_id: int) -> dict[str, t.Any]:
     """Store the question, ask the LLM, store the answer: two units of work with
-    the slow step between them, never inside one."""
+    the slow step between them, never inside one. (With the switch off, one
+    unit around it all: :func:`chat_in_one_unit`.)"""
     message = request.get_json(force=True)["message"]
+    if not release_requested():
+        return chat_in_one_unit(conversation_id, message)
     with wfs.transaction():  # the question is kept even if the LLM fails
         conversation = conversation_or_404(conversation_id)
         conversation.messages.append(Message(role="user", content=message))
     # Reading the history opens a new transaction; a plain app would now hold
     # its connection through the whole LLM call.
-    prompt = "\n".join(f"{m.role}: {m.content}" for m in conversation.messages)
-    answer = llm().complete(prompt)  # a long-running step: released first
+    answer = llm().complete(prompt_for(conversation))  # a long-running step: released first
     with wfs.transaction():
         conversation.messages.append(Message(role="assistant", content=answer))
     return {"answer": answer, "messages": len(conversation.messages)}
 
 
+@wfs.transaction
+def chat_in_one_unit(conversation_id: int, message: str) -> dict[str, t.Any]:
+    """The same chat as a plain app often writes it, for contrast: one unit of
+    work with the LLM call inside it.
+
+    The unit has written the question when the step starts, and a step never
+    splits a unit: the connection is held through the call, and the extension
+    reports it (a ``HeldConnectionWarning``: the default policy, ``"hold"``).
+    """
+    conversation = conversation_or_404(conversation_id)
+    conversation.messages.append(Message(role="user", content=message))
+    wfs.session.flush()  # the question is sent: the transaction has written
+    answer = llm().complete(prompt_for(conversation))  # held through the call
+    conversation.messages.append(Message(role="assistant", content=answer))
+    return {"answer": answer, "messages": len(conversation.messages)}
+
+
+def token_event(token: str) -> str:
+    return f"data: {json.dumps({'token': token})}\n\n"
+
+
+def done_event(answer: str) -> str:
+    return f"event: done\ndata: {json.dumps({'answer': answer})}\n\n"
+
+
 @bp.get("/api/conversations/<int:conversation_id>/stream")
 def stream(conversation_id: int) -> Response:
-    """Server-sent events: the answer's tokens as the LLM produces them."""
+    """Server-sent events: the answer's tokens as the LLM produces them.
+
+    With the switch off, the body is :func:`events_in_one_unit`.
+    """
     message = request.args["message"]
-    with wfs.transaction():
-        conversation = conversation_or_404(conversation_id)
+    if release_requested():
+        with wfs.transaction():
+            conversation = conversation_or_404(conversation_id)
+            conversation.messages.append(Message(role="user", content=message))
+        body = released_events(conversation_id, message)
+    else:
+        conversation_or_404(conversation_id)  # a 404 now, not inside the stream
+        body = events_in_one_unit(conversation_id, message)
+    return Response(stream_with_context(body), mimetype="text/event-stream")
+
+
+def released_events(conversation_id: int, message: str) -> t.Iterator[str]:
+    tokens = []
+    for token in llm().stream(message):  # released before each token is awaited
+        tokens.append(token)
+        yield token_event(token)
+    answer = "".join(tokens).strip()
+    with wfs.detached() as session:  # a short transaction of its own
+        session.add(Message(conversation_id=conversation_id, role="assistant", content=answer))
+    yield done_event(answer)
+
+
+def events_in_one_unit(conversation_id: int, message: str) -> t.Iterator[str]:
+    """The switch off: question, tokens and answer in one unit of work, which
+    holds its connection through every token, as in :func:`chat_in_one_unit`."""
+    with wfs.transaction():  # opened inside: a generator cannot be a unit
+        conversation = wfs.session.get_one(Conversation, conversation_id)
         conversation.messages.append(Message(role="user", content=message))
-
-    @stream_with_context
-    def events() -> t.Iterator[str]:
+        wfs.session.flush()
         tokens = []
-        for token in llm().stream(message):  # released before each token is awaited
+        for token in llm().stream(message):  # held while each token is awaited
             tokens.append(token)
-            yield f"data: {json.dumps({'token': token})}\n\n"
-        with wfs.detached() as session:  # a short transaction of its own
-            answer = Message(conversation_id=conversation_id, role="assistant")
-            answer.content = "".join(tokens).strip()
-            session.add(answer)
-        yield f"event: done\ndata: {json.dumps({'answer': answer.content})}\n\n"
-
-    return Response(events(), mimetype="text/event-stream")
+            yield token_event(token)
+        answer = "".join(tokens).strip()
+        conversation.messages.append(Message(role="assistant", content=answer))
+    yield done_event(answer)
 
 
 @bp.post("/api/conversations/<int:conversation_id>/summary")

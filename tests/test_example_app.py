@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import threading
@@ -18,6 +19,7 @@ from example_app.jobs import start_summary
 from example_app.models import Base, NodeResult, WorkflowRun
 from example_app.repositories import SQLAlchemyRunRepository
 from example_app.workflow import Node, Workflow, WorkflowEngine
+from flask_wfsession import HeldConnectionWarning, signals
 
 from .conftest import engine_options
 
@@ -178,6 +180,8 @@ def test_summary_endpoint_starts_the_job(make_example: t.Callable[..., Flask]) -
     assert app.test_client().post("/api/conversations/999/summary").status_code == 404
 
 
+# Without release, every chat's held connection is reported; here they are counted.
+@pytest.mark.filterwarnings("ignore::flask_wfsession.HeldConnectionWarning")
 def test_burst_on_a_tiny_pool(fake_llm: FakeLLM, uri: str) -> None:
     try:
         released = demo.burst(True, 8, fake_llm.url, uri)
@@ -189,6 +193,7 @@ def test_burst_on_a_tiny_pool(fake_llm: FakeLLM, uri: str) -> None:
     assert pinned["holding"] == pinned["served"] > 0  # the contrast: each call pins one
 
 
+@pytest.mark.filterwarnings("ignore::flask_wfsession.HeldConnectionWarning")
 @pytest.mark.parametrize("release", [True, False])
 def test_the_pool_panel_names_who_holds_a_connection(
     make_example: t.Callable[..., Flask], release: bool
@@ -220,22 +225,103 @@ def test_the_pool_panel_names_who_holds_a_connection(
             answered.set()
         assert chat.result().status_code == 200
     assert panel["size"] == engine_options("sqlite")["pool_size"]
-    held = [(h["endpoint"], h["state"][:19], h["began_at"]) for h in panel["holders"]]
+    held = [(h["endpoint"], h["state"], h["began_at"]) for h in panel["holders"]]
     if release:
         assert held == [] and panel["checked_out"] == 0
-    else:
-        assert held == [("chat.chat", "idle in transaction", held[0][2])]
+    else:  # one unit of work around the call: the extension had to keep it
+        assert held == [("chat.chat", "held by the 'hold' policy through step 'llm'", held[0][2])]
         assert held[0][2].startswith("example_app/views.py:")
 
 
-def test_page_serves_the_chat(example: Flask) -> None:
-    page = example.test_client().get("/")
+def ask(app: Flask, path: str, cid: int, message: str, query: dict[str, str]) -> str:
+    """Ask through the chat or the stream endpoint, as the page does; the answer."""
+    client = app.test_client()
+    if path == "chat":
+        url = f"/api/conversations/{cid}/chat"
+        reply = client.post(url, json={"message": message}, query_string=query)
+        return t.cast(str, reply.get_json()["answer"])
+    response = client.get(
+        f"/api/conversations/{cid}/stream",
+        query_string={**query, "message": message},
+        buffered=False,
+    )
+    events = b"".join(response.response).decode().strip().split("\n\n")
+    response.close()
+    assert events[-1].startswith("event: done")
+    return t.cast(str, json.loads(events[-1].split("data: ", 1)[1])["answer"])
+
+
+@pytest.mark.parametrize("path", ["chat", "stream"])
+@pytest.mark.parametrize("release", ["1", "0", None])
+def test_the_page_switch_runs_the_same_chat_holding_a_connection(
+    example: Flask, path: str, release: str | None
+) -> None:
+    """``?release=0`` (the page's switch off): one unit of work around the LLM
+    call, so the connection is held through it, counted in X, and reported."""
+    cid = new_conversation(example)
+    llm = example.extensions["example_llm"]
+    count = llm.observe
+    checked_out: list[int] = []
+
+    def observe() -> None:  # inside the step: as the call starts, as each token arrives
+        count()
+        checked_out.append(t.cast(sa.pool.QueuePool, wfs.engine.pool).checkedout())
+
+    llm.observe = observe
+    held: list[str | None] = []
+
+    def on_release(sender: Flask, step: str | None, action: str, **kwargs: t.Any) -> None:
+        if action == "held":
+            held.append(step)
+
+    query = {} if release is None else {"release": release}
+    reported = pytest.warns(HeldConnectionWarning) if release == "0" else contextlib.nullcontext()
+    with signals.session_released.connected_to(on_release, example), reported:
+        answer = ask(example, path, cid, "hi there", query)
+    pool = example.test_client().get("/api/pool").get_json()
+    waits, holding = pool["llm_waits"], pool["llm_waits_holding_a_connection"]
+    assert waits == len(checked_out) > 0
+    if release == "0":
+        assert holding == waits and set(checked_out) == {1}
+        assert {"llm" if path == "chat" else "llm-stream"} <= set(held)
+    else:
+        assert holding == 0 and set(checked_out) == {0} and held == []
+    # The same chat either way: both sides stored, the same answer.
+    prompt = "user: hi there" if path == "chat" else "hi there"
+    assert answer == expected_answer(prompt)
+    messages = example.test_client().get(f"/api/conversations/{cid}").get_json()["messages"]
+    assert messages == [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def test_page_serves_the_chat(make_example: t.Callable[..., Flask]) -> None:
+    page = make_example().test_client().get("/")
     assert page.status_code == 200
-    assert b"EventSource" in page.data and b"/api/pool" in page.data
+    text = page.get_data(as_text=True)
+    assert "EventSource" in text and "/api/pool" in text
+    # Each figure is explained in plain words, and the switch is there, on.
+    for explained in (
+        "Pool size: <span",
+        "How many database connections the app keeps",
+        "Checked out now: <span",
+        "a request is using right now",
+        "LLM waits holding a connection: <span",
+        "0 means no connection sat idle while the LLM was thinking.",
+    ):
+        assert explained in text
+    assert '<input type="checkbox" id="release" checked>' in text
+    assert "release=${release}" in text
+    plain = make_example(RELEASE_DURING_LLM=False).test_client().get("/")
+    assert '<input type="checkbox" id="release">' in plain.get_data(as_text=True)
 
 
+# The second chat runs with the switch off: its held connection is reported.
+@pytest.mark.filterwarnings("ignore::flask_wfsession.HeldConnectionWarning")
 def test_a_person_chats_in_a_real_browser(example: Flask) -> None:
-    """Headless Chromium types a message, sends it, and sees the answer stream in."""
+    """Headless Chromium types a message, sends it, and sees the answer stream in;
+    then unticks the switch, chats again, and sees X count up."""
     from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
@@ -254,13 +340,56 @@ def test_a_person_chats_in_a_real_browser(example: Flask) -> None:
             page.click("#send")
             page.wait_for_selector(".assistant[data-done='true']", timeout=30_000)
             answer = page.text_content(".assistant")
-            pool_text = page.text_content("#pool")
+            # With the release (the default), no wait held a connection: "0 of N".
+            page.wait_for_function(WAITS_MATCH, arg=r"^0 of [1-9]", timeout=10_000)
+            low_contrast = page.evaluate(LOW_CONTRAST)
+            page.uncheck("#release")
+            page.fill("#message", "and again")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-done='true'] >> nth=1", timeout=30_000)
+            page.wait_for_function(WAITS_MATCH, arg=r"^[1-9]\d* of ", timeout=10_000)
+            size = page.text_content("#pool-size")
             browser.close()
     finally:
         server.shutdown()
         serving.join()
     assert answer is not None and answer.strip() == expected_answer("hello from a browser")
-    assert pool_text is not None and pool_text.startswith("pool size")
+    assert size == str(engine_options("sqlite")["pool_size"])
+    assert low_contrast == []
+
+
+# True once the page's "LLM waits holding a connection" figure matches a pattern.
+WAITS_MATCH = "(p) => new RegExp(p).test(document.getElementById('llm-waits').textContent)"
+
+# Every element showing text (and the input's placeholder) whose colour has less
+# than WCAG AA's 4.5:1 contrast with the background behind it.
+LOW_CONTRAST = """() => {
+  const channels = (colour) => colour.match(/[\\d.]+/g).map(Number);
+  const luminance = ([r, g, b]) => {
+    const linear = (v) => (v /= 255) <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    return 0.2126 * linear(r) + 0.7152 * linear(g) + 0.0722 * linear(b);
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = channels(getComputedStyle(el).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c;
+    }
+    return [255, 255, 255];
+  };
+  const ratio = (fg, bg) => {
+    const [hi, lo] = [luminance(fg), luminance(bg)].sort((a, b) => b - a);
+    return (hi + 0.05) / (lo + 0.05);
+  };
+  const shown = [...document.body.querySelectorAll("*")].filter((el) =>
+    el.tagName !== "SCRIPT" &&
+    [...el.childNodes].some((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim()));
+  const found = shown.map((el) => [el, getComputedStyle(el).color]);
+  const input = document.getElementById("message");
+  found.push([input, getComputedStyle(input, "::placeholder").color]);
+  return found
+    .map(([el, colour]) => [el.outerHTML.slice(0, 60), ratio(channels(colour), background(el))])
+    .filter(([, r]) => r < 4.5);
+}"""
 
 
 # As root in a container, without the network: no sandbox, no background calls.
