@@ -511,7 +511,12 @@ def _end_savepoint(frame: _Frame, error: BaseException | None) -> None:
         return
     with ending(frame.session, "unit"):
         if error is None and savepoint.is_active:
-            savepoint.commit()
+            try:
+                savepoint.commit()  # flushes what is still pending: may fail
+            except BaseException:
+                if not savepoint._transaction_is_closed():
+                    savepoint.rollback()  # only this part is undone; the error goes on
+                raise
             return
         # An error, or a statement inside failed (a flush leaves the savepoint
         # inactive): only this part is undone, and the unit can go on.

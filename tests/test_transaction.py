@@ -186,8 +186,10 @@ def test_a_savepoint_undoes_only_its_part(setup: Setup) -> None:
     assert counts["savepoint"] == 1
 
 
-def test_a_savepoint_whose_flush_failed_undoes_only_its_part(setup: Setup) -> None:
-    """The docs' example: a unique violation raised by the savepoint's own flush."""
+@pytest.mark.parametrize("flushed", [True, False], ids=["flushed-inside", "flushed-at-release"])
+def test_a_savepoint_whose_flush_failed_undoes_only_its_part(setup: Setup, flushed: bool) -> None:
+    """The docs' example: a unique violation raised by the savepoint's flush,
+    inside the block or when the block ends and the savepoint is released."""
     wfs = setup.wfs
     ran: list[str] = []
     with setup.app.app_context():
@@ -198,7 +200,9 @@ def test_a_savepoint_whose_flush_failed_undoes_only_its_part(setup: Setup) -> No
             wfs.on_commit(lambda: ran.append("order"))
             with pytest.raises(sa.exc.IntegrityError), wfs.transaction(savepoint=True):
                 wfs.on_commit(lambda: ran.append("coupon"))
-                add(setup, "coupon", id=7)
+                wfs.session.add(Conversation(id=7, title="coupon"))
+                if flushed:
+                    wfs.session.flush()
             add(setup, "after")
     assert titles(setup) == ["after", "order", "taken"]
     assert ran == ["order"]
@@ -658,6 +662,36 @@ def test_a_view_that_fails_rolls_back_its_unit(setup: Setup) -> None:
     assert client.post("/conversations/good").status_code == 200
     assert client.post("/conversations/bad").status_code == 500
     assert titles(setup) == ["good"]
+
+
+def test_an_async_view_and_the_units_it_awaits_are_one_unit(setup: Setup) -> None:
+    app, wfs = setup.app, setup.wfs
+
+    @wfs.transaction
+    def audit(title: str) -> None:
+        add(setup, f"audit {title}")
+
+    @wfs.transaction
+    async def create(title: str) -> None:
+        await asyncio.sleep(0)
+        add(setup, title)
+        audit(title)
+
+    @app.post("/async/<title>")
+    @wfs.transaction
+    async def view(title: str) -> dict[str, str]:
+        await create(title)
+        if title == "bad":
+            raise ValueError(title)
+        return {"title": title}
+
+    app.config["TESTING"] = False  # a 500 response, as in production
+    client = app.test_client()
+    with counting(setup.engine) as counts:
+        assert client.post("/async/good").status_code == 200
+        assert client.post("/async/bad").status_code == 500
+    assert counts["commit"] == 1
+    assert titles(setup) == ["audit good", "good"]
 
 
 def test_a_cli_command_runs_as_one_unit(setup: Setup) -> None:
