@@ -14,7 +14,9 @@ fixture returns (the name pytest-flask uses too).
     connection, and on every backend.
 ``wfs_leak_check``
     Fails the test that leaves a connection checked out (a transaction left
-    open, idle) or has uncommitted writes discarded, naming where.
+    open, idle) or has uncommitted writes discarded, naming where;
+    ``@pytest.mark.wfsession(leak_check=False)`` opts a test out (one that
+    expects its writes to be discarded, say).
 ``wfs_strict``
     ``WFSESSION_PENDING = "raise"`` and ``WFSESSION_GUARD = "raise"`` for the
     test; ``@pytest.mark.wfsession(strict=False)`` opts a test out.
@@ -47,8 +49,16 @@ _JOIN_TIMEOUT = 30.0
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "wfsession(strict=True): options for flask-wfsession's test fixtures"
+        "markers",
+        "wfsession(strict=True, leak_check=True): opt a test out of flask-wfsession's"
+        " wfs_strict or wfs_leak_check fixture",
     )
+
+
+def _opted_out(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether the test's ``wfsession`` marker turns ``fixture`` off."""
+    marker = request.node.get_closest_marker("wfsession")
+    return marker is not None and not marker.kwargs.get(fixture, True)
 
 
 def _app(request: pytest.FixtureRequest) -> tuple[Flask, _State]:
@@ -139,8 +149,14 @@ def wfs_isolation(request: pytest.FixtureRequest) -> t.Iterator[list[str]]:
 
 @pytest.fixture
 def wfs_leak_check(request: pytest.FixtureRequest) -> t.Iterator[None]:
-    """Fail the test if it leaves a connection checked out or has writes discarded."""
+    """Fail the test if it leaves a connection checked out or has writes discarded.
+
+    Opt a test out with ``@pytest.mark.wfsession(leak_check=False)``.
+    """
     app, state = _app(request)
+    if _opted_out(request, "leak_check"):
+        yield
+        return
     discarded: list[str] = []
 
     def on_discarded(sender: t.Any, *, changes: list[str], reason: str, **_: t.Any) -> None:
@@ -179,8 +195,7 @@ def wfs_strict(request: pytest.FixtureRequest) -> t.Iterator[None]:
     Opt a test out with ``@pytest.mark.wfsession(strict=False)``.
     """
     state = _app(request)[1]
-    marker = request.node.get_closest_marker("wfsession")
-    if marker is not None and not marker.kwargs.get("strict", True):
+    if _opted_out(request, "strict"):
         yield
         return
     saved = state.pending, state.guard

@@ -132,9 +132,15 @@ def test_leak_check_names_what_the_test_left(pytester: pytest.Pytester, setup: S
             with app.app_context():
                 app.extensions["wfsession"].session.add(Conversation(title="kept"))
                 app.extensions["wfsession"].session.commit()
+
+        @pytest.mark.wfsession(leak_check=False)
+        def test_expects_its_writes_discarded(app, wfs_leak_check):
+            warnings.simplefilter("ignore")
+            with app.app_context():
+                app.extensions["wfsession"].session.add(Conversation(title="meant to go"))
         """,
     )
-    result.assert_outcomes(passed=3, errors=2)  # the check fails them at teardown
+    result.assert_outcomes(passed=4, errors=2)  # the check fails them at teardown
     result.stdout.fnmatch_lines(
         [
             "*test_open_transaction left: 1 connection(s) of engine 'default' still checked out*",
