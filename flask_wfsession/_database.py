@@ -88,6 +88,29 @@ def touched(connection: sa.Connection, *, locks: bool, locking: bool) -> bool:
     return True
 
 
+_PQTRANS_INERROR = 3  # libpq's PQtransactionStatus: in a failed transaction
+
+
+def aborted(session: orm.Session) -> bool:
+    """Whether PostgreSQL aborted a transaction of ``session`` after an error
+    that the app caught: its ``COMMIT`` would be answered with a rollback.
+
+    Asked of the driver (psycopg 3 and psycopg2 track the server's status),
+    without a round trip.
+    """
+    for connection in connections(session):
+        if connection.dialect.name != "postgresql" or connection.invalidated:
+            continue
+        driver: t.Any = connection.connection.dbapi_connection
+        info = getattr(driver, "info", None)  # psycopg 3
+        status = getattr(info, "transaction_status", None)
+        if status is None and hasattr(driver, "get_transaction_status"):  # psycopg2
+            status = driver.get_transaction_status()
+        if status == _PQTRANS_INERROR:
+            return True
+    return False
+
+
 def connections(session: orm.Session) -> list[sa.Connection]:
     """The connections ``session``'s open transaction holds."""
     return list(session.info.get(CONNECTIONS, ()))

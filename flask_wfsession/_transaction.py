@@ -57,7 +57,7 @@ from flask import Flask
 
 from . import _report, signals
 from ._callsite import user_frame
-from ._database import invalidated, session_touched
+from ._database import SENT, aborted, invalidated, session_touched
 from ._errors import DroppedCallbacksWarning, UnitOfWorkError
 from ._pending import has_unflushed
 
@@ -69,6 +69,7 @@ _ENDING = "flask_wfsession.ending"  # Session.info: the unit or a release is end
 _CALLBACKS = "flask_wfsession.on_commit"  # Session.info: callbacks waiting for a commit
 _COMMITTED = "flask_wfsession.committed"  # Session.info: the ending transaction committed
 _RELEASED = "flask_wfsession.released"  # Session.info: the savepoint whose release is ending
+_ABORTED = "flask_wfsession.aborted"  # Session.info: the COMMIT being sent will roll back
 
 Ending = t.Literal["unit", "release"]
 
@@ -255,7 +256,11 @@ def before_commit(session: orm.Session) -> None:
     savepoints (``begin_nested()``) may be released."""
     info = session.info
     unit: _Unit | None = info.get(UNIT)
-    if unit is None or info.get(_ENDING) is not None:
+    if unit is None:
+        if _CALLBACKS in info and session.get_nested_transaction() is None and aborted(session):
+            info[_ABORTED] = True  # the callbacks wait for a real commit
+        return
+    if info.get(_ENDING) is not None:
         return
     nested = session.get_nested_transaction()
     if nested is not None and not any(f.savepoint is nested for f in unit.frames):
@@ -277,7 +282,8 @@ def after_commit(session: orm.Session) -> None:
     info = session.info
     nested = session.get_nested_transaction()
     if nested is None:
-        info[_COMMITTED] = True
+        if not info.pop(_ABORTED, False):
+            info[_COMMITTED] = True
     elif UNIT in info or _CALLBACKS in info:
         info[_RELEASED] = nested
 
@@ -529,13 +535,29 @@ def _end_savepoint(frame: _Frame, error: BaseException | None) -> None:
         )
 
 
+def _failed_inside(session: orm.Session) -> str | None:
+    """Why the unit's transaction can no longer commit, though no error left the
+    unit: a statement failed inside it and its error was caught."""
+    caught = "a statement inside it failed, and its error was caught"
+    transaction = session.get_transaction()
+    if transaction is not None and not transaction.is_active:
+        return f"{caught}: SQLAlchemy rolled the transaction back"
+    if aborted(session):
+        return f"{caught}: the database aborted the transaction, and a COMMIT would roll it back"
+    return None
+
+
 def _wrote(session: orm.Session) -> bool:
-    """Whether the session's transaction needs a commit: the database says it wrote
-    or locked rows, or cannot say."""
+    """Whether the session's transaction needs a commit: it sent more than
+    ``SELECT`` statements (a ``NOTIFY``, DDL and statements that only lock rows
+    need their ``COMMIT`` too), or the database says its ``SELECT`` statements
+    wrote or locked rows, or cannot say."""
     if has_unflushed(session):
         return True
     if not session.in_transaction():
         return False
+    if session.info.get(SENT):
+        return True
     try:
         return invalidated(session) or session_touched(session, locks=True)
     except sa.exc.DBAPIError:
@@ -548,6 +570,8 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
     committed: bool | None = None  # True: COMMIT sent; False: nothing to commit
     try:
         with ending(session, "unit"):
+            if error is None and unit.failed is None:
+                unit.failed = _failed_inside(session)
             if error is None and unit.failed is None:
                 committed = _wrote(session)
                 if committed:

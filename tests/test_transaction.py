@@ -419,6 +419,60 @@ def test_a_select_that_wrote_is_committed_because_the_database_says_so(
     assert titles(setup) == ["from a CTE"]
 
 
+def test_statements_that_are_not_selects_are_committed_without_asking(setup: Setup) -> None:
+    """DDL writes nothing the database counts as a write (nor does ``NOTIFY``, or
+    an ``UPDATE`` that only locked a row): the unit commits what it sent."""
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with setup.wfs.transaction():
+            setup.wfs.session.execute(sa.text("CREATE TABLE wfs_test_ddl (id INTEGER)"))
+    engine = sa.create_engine(setup.engine.url, poolclass=sa.pool.NullPool)
+    try:
+        assert sa.inspect(engine).has_table("wfs_test_ddl")
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE wfs_test_ddl")
+    finally:
+        engine.dispose()
+    assert counts["commit"] == 1
+
+
+@pytest.mark.parametrize("how", ["flush", "execute"])
+def test_an_error_caught_inside_a_unit_never_passes_for_a_commit(
+    setup: Setup, backend: str, how: str
+) -> None:
+    """A unique violation caught inside the unit. A failed flush rolls the
+    transaction back (SQLAlchemy), a failed statement aborts it on PostgreSQL
+    (the server): the unit fails, and no callback runs. Elsewhere a failed
+    statement leaves the transaction going, and the unit commits the rest.
+    Either way the signal and the callbacks tell the truth about the rows."""
+    wfs = setup.wfs
+    ran: list[str] = []
+    failed: list[UnitOfWorkError] = []
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        with units(setup) as seen:
+            try:
+                with wfs.transaction(name="order"):
+                    add(setup, "order")
+                    wfs.on_commit(lambda: ran.append("confirm"))
+                    with pytest.raises(sa.exc.IntegrityError):
+                        if how == "flush":
+                            add(setup, "duplicate", id=7)
+                        else:
+                            duplicate = sa.insert(Conversation).values(id=7, title="dup")
+                            wfs.session.execute(duplicate)
+            except UnitOfWorkError as error:
+                failed.append(error)
+    if how == "execute" and dialect(backend) != "postgresql":
+        assert titles(setup) == ["order", "taken"]
+        assert (seen, ran, failed) == ([("committed", "order")], ["confirm"], [])
+    else:
+        assert titles(setup) == ["taken"]
+        assert (seen, ran) == ([("rolled back", "order")], [])
+        [error] = failed
+        assert "a statement inside it failed, and its error was caught" in str(error)
+
+
 # -- on_commit -----------------------------------------------------------------
 
 
@@ -507,6 +561,27 @@ def test_on_commit_outside_a_unit_waits_for_the_apps_own_commit(setup: Setup) ->
         assert ran == []
         commit()
         assert ran == [["legacy"]]
+
+
+def test_on_commit_outside_a_unit_waits_for_a_commit_that_really_commits(
+    setup: Setup, backend: str
+) -> None:
+    """On PostgreSQL a caught statement error aborts the transaction, and the
+    app's COMMIT then rolls back: the callbacks do not run."""
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        add(setup, "order")
+        wfs.on_commit(lambda: ran.append("confirm"))
+        with pytest.raises(sa.exc.IntegrityError):
+            wfs.session.execute(sa.insert(Conversation).values(id=7, title="duplicate"))
+        wfs.session.commit()
+    if dialect(backend) == "postgresql":
+        assert (titles(setup), ran) == (["taken"], [])
+    else:
+        assert (titles(setup), ran) == (["order", "taken"], ["confirm"])
 
 
 def test_a_raising_callback_is_logged_and_the_others_run(
