@@ -159,8 +159,10 @@ def on_commit(session: orm.Session, fn: t.Callable[[], object]) -> None:
 
 
 def _run(callbacks: list[_Callback]) -> None:
-    """Call each callback; one that raises is logged and the others still run."""
-    for callback in callbacks:
+    """Call each callback; one that raises is logged and the others still run.
+    An interruption (``KeyboardInterrupt``, a gevent timeout) stops them: the
+    rest are reported as dropped, and it goes on."""
+    for i, callback in enumerate(callbacks):
         try:
             callback.fn()
         except Exception:
@@ -168,6 +170,12 @@ def _run(callbacks: list[_Callback]) -> None:
                 "An 'on_commit' callback%s raised. The commit stands; the other callbacks ran.",
                 f" registered at {callback.site}" if callback.site else "",
             )
+        except BaseException as interruption:
+            if callbacks[i + 1 :]:
+                report_dropped(
+                    callbacks[i + 1 :], f"an earlier callback was interrupted by {interruption!r}"
+                )
+            raise
 
 
 def _sites(callbacks: list[_Callback]) -> str:
@@ -365,7 +373,13 @@ class Transaction:
         self.name = name
 
     def __call__(self, func: t.Callable[P, R]) -> t.Callable[P, R]:
-        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        if isinstance(func, (classmethod, staticmethod)):
+            raise TypeError(
+                f"'wfs.transaction' cannot wrap a {type(func).__name__} object: put"
+                f" '@{type(func).__name__}' above '@wfs.transaction'."
+            )
+        inner = inspect.unwrap(func)  # under other decorators
+        if inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
             raise TypeError(
                 f"'wfs.transaction' cannot wrap the generator function {func.__qualname__!r}:"
                 " its body runs item by item after the call has returned, outside the"
@@ -373,13 +387,13 @@ class Transaction:
                 " must commit together."
             )
         name = self.name or func.__qualname__
-        if inspect.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(inner):
 
             @functools.wraps(func)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> t.Any:
                 frame = self._enter(name, sys._getframe())
                 try:
-                    result = await func(*args, **kwargs)
+                    result = await t.cast(t.Awaitable[t.Any], func(*args, **kwargs))
                 except BaseException as error:
                     _exit(frame, error)
                     raise
@@ -393,6 +407,7 @@ class Transaction:
             frame = self._enter(name, sys._getframe())
             try:
                 result = func(*args, **kwargs)
+                _check_ran(func, result)
             except BaseException as error:
                 _exit(frame, error)
                 raise
@@ -452,6 +467,22 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+def _check_ran(func: t.Callable[..., object], result: object) -> None:
+    """Refuse a function whose body did not run in the call: it returned a
+    generator or an awaitable (a decorator hid what it wraps)."""
+    if inspect.isgenerator(result) or inspect.isasyncgen(result) or inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()  # its body never runs: no "never awaited" warning
+        raise TypeError(
+            f"'wfs.transaction' wrapped {func.__qualname__!r}, which returned"
+            f" {type(result).__name__!r} object: its body runs after the call, outside"
+            " the unit, so the unit was rolled back. Decorate the function itself (put"
+            " '@wfs.transaction' next to 'async def'), or use 'with wfs.transaction():'"
+            " inside a generator."
+        )
 
 
 def _check_join(unit: _Unit, name: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import typing as t
@@ -33,6 +34,9 @@ from flask_wfsession.testing import FakeStep
 from .conftest import Setup, checked_out, dialect
 from .models import Conversation, Message
 from .test_dead_connections import SERVER_BACKENDS, backend_id, kill
+
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -1002,6 +1006,75 @@ def test_misuse_raises_errors_that_say_what_to_do(setup: Setup) -> None:
 
     with setup.app.app_context(), pytest.raises(TypeError, match="lambda"):
         wfs.on_commit("summarize")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"put '@classmethod' above '@wfs\.transaction'"):
+
+        class Repository:
+            @wfs.transaction  # type: ignore[arg-type]
+            @classmethod
+            def create(cls) -> None:
+                pass
+
+
+def logged(func: t.Callable[P, R]) -> t.Callable[P, R]:
+    """Another decorator, under which ``wfs.transaction`` cannot see the function."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def test_a_generator_or_coroutine_under_another_decorator_is_seen_through(
+    setup: Setup,
+) -> None:
+    wfs = setup.wfs
+    with pytest.raises(TypeError, match="generator function"):
+
+        @wfs.transaction
+        @logged
+        def tokens() -> t.Iterator[str]:
+            yield "a"
+
+    @wfs.transaction
+    @logged
+    async def create() -> None:
+        add(setup, "awaited inside the unit")
+
+    def undecorated() -> t.Iterator[None]:
+        add(setup, "never in a unit")
+        yield
+
+    @wfs.transaction
+    def hides_a_generator() -> t.Iterator[None]:
+        return undecorated()
+
+    with setup.app.app_context():
+        asyncio.run(create())
+        with pytest.raises(TypeError, match=r"returned 'generator' object.*rolled back"):
+            hides_a_generator()
+    assert titles(setup) == ["awaited inside the unit"]
+
+
+def test_an_interrupted_callback_reports_the_ones_it_stopped(setup: Setup) -> None:
+    wfs = setup.wfs
+    ran: list[str] = []
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with setup.app.app_context():
+        with (
+            pytest.raises(KeyboardInterrupt),
+            pytest.warns(DroppedCallbacksWarning, match="interrupted by KeyboardInterrupt"),
+        ):
+            with wfs.transaction():
+                add(setup, "kept")
+                wfs.on_commit(lambda: ran.append("first"))
+                wfs.on_commit(interrupted)
+                wfs.on_commit(lambda: ran.append("never"))
+    assert titles(setup) == ["kept"]
+    assert ran == ["first"]
 
 
 @pytest.mark.filterwarnings("ignore::flask_wfsession.IdleInTransactionWarning")  # the kill
