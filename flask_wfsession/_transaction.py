@@ -32,10 +32,13 @@ inside that code's call (the frame that entered it is on the stack). Another
 asyncio task sharing the app context, or the caller of a generator paused
 inside a unit, would otherwise join a unit it cannot see end.
 
-On SQLite, Python's ``sqlite3`` module sends ``BEGIN`` only before a write,
-so a ``SAVEPOINT`` sent first starts a transaction of its own, which its
-release commits. While a unit is open, the unit begins the transaction
-before any savepoint (:func:`watch`), its own or the app's.
+Below the session, on its connections (:func:`watch`): a ``COMMIT`` sent
+while a unit is open, but not by the unit (``session.connection().commit()``),
+is refused before it reaches the driver. And on SQLite, Python's ``sqlite3``
+module sends ``BEGIN`` only before a write, so a ``SAVEPOINT`` sent first
+starts a transaction of its own, which its release commits: while a unit is
+open, the unit begins the transaction before any savepoint, its own or the
+app's.
 """
 
 from __future__ import annotations
@@ -221,17 +224,19 @@ def report_dropped(callbacks: list[_Callback], reason: str) -> None:
     )
 
 
-# -- SQLite: the transaction begins before a savepoint --------------------------
+# -- On the connections: COMMITs, and SQLite's savepoints --------------------------
 
-# The sessions of the SQLite connections in a transaction, for the engine's
-# savepoint event, which sees only the connection.
-_SQLITE_SESSIONS: weakref.WeakKeyDictionary[sa.Connection, weakref.ref[orm.Session]] = (
+# The session of each connection in a session's transaction, for the engine's
+# events, which see only the connection.
+_SESSIONS: weakref.WeakKeyDictionary[sa.Connection, weakref.ref[orm.Session]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def watch(engine: sa.Engine) -> None:
-    """On a SQLite engine, begin the transaction before a savepoint sent inside a unit."""
+    """Listen to ``engine``'s COMMITs, and on SQLite to its savepoints, once."""
+    if not sa.event.contains(engine, "commit", _before_commit_sent):
+        sa.event.listen(engine, "commit", _before_commit_sent)
     if engine.dialect.name == "sqlite" and not sa.event.contains(
         engine, "savepoint", _before_savepoint
     ):
@@ -239,14 +244,35 @@ def watch(engine: sa.Engine) -> None:
 
 
 def began(session: orm.Session, connection: sa.Connection) -> None:
-    """``session``'s transaction took ``connection`` (called for SQLite only)."""
-    _SQLITE_SESSIONS[connection] = weakref.ref(session)
+    """``session``'s transaction took ``connection``."""
+    _SESSIONS[connection] = weakref.ref(session)
+
+
+def _unit_session(connection: sa.Connection) -> orm.Session | None:
+    """The session of ``connection``, if a unit is open on it."""
+    ref = _SESSIONS.get(connection)
+    session = ref() if ref is not None else None
+    return session if session is not None and UNIT in session.info else None
+
+
+def _before_commit_sent(connection: sa.Connection) -> None:
+    session = _unit_session(connection)
+    if session is None or session.info.get(_ENDING) is not None:
+        return
+    unit: _Unit = session.info[UNIT]
+    site = user_frame()
+    unit.failed = unit.failed or f"a COMMIT was sent{f' at {site}' if site else ''} inside it"
+    raise UnitOfWorkError(
+        f"A COMMIT{f' at {site}' if site else ''} on the session's connection"
+        f" ('session.connection().commit()'?) inside {unit.describe()}: nothing was"
+        " committed, and the unit can no longer commit. A unit of work commits once,"
+        f" when its outermost entry {unit.name!r} returns: remove this commit."
+    )
 
 
 def _before_savepoint(connection: sa.Connection, name: str | None) -> None:
-    ref = _SQLITE_SESSIONS.get(connection)
-    session = ref() if ref is not None else None
-    if session is None or UNIT not in session.info:
+    session = _unit_session(connection)
+    if session is None:
         return  # outside units, the app's savepoints behave as without the extension
     driver = connection.connection.dbapi_connection
     if driver is None or getattr(driver, "in_transaction", True):
@@ -422,6 +448,7 @@ class Transaction:
         app, session = self._current()
         unit = unit_of(session)
         if unit is None:
+            _check_outermost(session, name)
             unit = _Unit(app, name, user_frame(), caller)
             frame = _Frame(session, unit, name, entry=entry)
             session.info[UNIT] = unit
@@ -467,6 +494,24 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+def _check_outermost(session: orm.Session, name: str) -> None:
+    """Refuse to open a unit inside the app's own ``session.begin()`` or
+    ``begin_nested()`` block: the block ends the transaction, the unit would
+    split it."""
+    transaction = session.get_transaction()
+    if transaction is None or (
+        transaction.origin is orm.SessionTransactionOrigin.AUTOBEGIN
+        and not session.in_nested_transaction()
+    ):
+        return
+    raise UnitOfWorkError(
+        f"The unit of work {name!r} was entered inside an open 'session.begin()' or"
+        " 'session.begin_nested()' block: that block ends the transaction, and the unit"
+        " would commit it halfway. Nothing was committed. Enter the unit outside the"
+        " block, or replace the block with the unit."
+    )
 
 
 def _check_ran(func: t.Callable[..., object], result: object) -> None:

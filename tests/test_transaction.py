@@ -271,6 +271,20 @@ def test_a_helper_that_commits_cannot_split_the_unit_even_if_the_error_is_caught
     assert titles(setup) == []
 
 
+def test_a_commit_on_the_sessions_connection_inside_a_unit_is_refused(setup: Setup) -> None:
+    """A repository helper doing Core work commits the connection itself: the
+    COMMIT is stopped before the driver sends it."""
+    wfs = setup.wfs
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with pytest.raises(UnitOfWorkError, match="rolled back, not committed: a COMMIT was sent"):
+            with wfs.transaction(name="import"):
+                add(setup, "first half")
+                with pytest.raises(UnitOfWorkError, match=r"session\.connection\(\)\.commit"):
+                    wfs.session.connection().commit()
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+
+
 @pytest.mark.parametrize("how", ["rollback", "close"])
 def test_rollback_or_close_inside_a_unit_raises_and_the_rest_is_not_committed(
     setup: Setup, how: str
@@ -378,6 +392,22 @@ def test_a_savepoint_rolled_back_by_the_app_fails_its_unit(setup: Setup) -> None
                         sa.orm.SessionTransaction, wfs.session.get_nested_transaction()
                     ).rollback()
     assert titles(setup) == []
+
+
+@pytest.mark.parametrize("block", ["begin", "begin_nested"])
+def test_a_unit_inside_the_apps_own_transaction_block_is_refused(setup: Setup, block: str) -> None:
+    """The app's block ends the transaction; a unit opened inside it would
+    commit it halfway."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        with getattr(wfs.session, block)():
+            add(setup, "the block's")
+            with pytest.raises(UnitOfWorkError, match=r"inside an open 'session\.begin"):
+                with wfs.transaction(name="inner"):
+                    add(setup, "never written")
+        if block == "begin_nested":
+            wfs.session.commit()
+    assert titles(setup) == ["the block's"]
 
 
 # -- Nothing written, nothing committed -----------------------------------------
