@@ -24,7 +24,7 @@ from flask import g
 from ._guard import claim, owned_here
 from ._pending import describe_pending, report_discarded
 from ._telemetry import HOLDERS, ending
-from ._transaction import committed, forget, report_dropped
+from ._transaction import forget, has_committed, report_dropped
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -117,7 +117,7 @@ def teardown(app: Flask, scoped: ScopedSource) -> None:
     dropped = forget(session)  # a unit left open, and callbacks no commit will run
     try:
         # Committed, not ended: a listener after the COMMIT raised; nothing is lost.
-        ending_open = session.in_transaction() and not committed(session)
+        ending_open = session.in_transaction() and not has_committed(session)
         changes = describe_pending(session) if ending_open else []
     finally:
         session.info[CLOSED] = True

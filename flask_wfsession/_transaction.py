@@ -57,6 +57,7 @@ from types import FrameType, TracebackType
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from flask import Flask
+from sqlalchemy.orm.session import SessionTransactionState
 
 from . import _report, signals
 from ._callsite import user_frame
@@ -73,6 +74,7 @@ _CALLBACKS = "flask_wfsession.on_commit"  # Session.info: callbacks waiting for 
 _COMMITTED = "flask_wfsession.committed"  # Session.info: the ending transaction committed
 _RELEASED = "flask_wfsession.released"  # Session.info: the savepoint whose release is ending
 _ABORTED = "flask_wfsession.aborted"  # Session.info: the COMMIT being sent will roll back
+_COMMITTED_STATE = SessionTransactionState.COMMITTED
 
 Ending = t.Literal["unit", "release"]
 
@@ -322,10 +324,18 @@ def after_commit(session: orm.Session) -> None:
         info[_RELEASED] = nested
 
 
-def committed(session: orm.Session) -> bool:
+def has_committed(session: orm.Session) -> bool:
     """Whether the session's transaction committed (and a listener after the
-    COMMIT raised, so it has not ended yet): nothing in it can be lost."""
-    return bool(session.info.get(_COMMITTED))
+    COMMIT raised, so it has not ended yet): nothing in it can be lost.
+
+    Our ``after_commit`` listener notes it; one the app put before ours may
+    have raised first, so SQLAlchemy's own state of the transaction is read
+    too.
+    """
+    if session.info.get(_COMMITTED):
+        return True
+    transaction = session.get_transaction()
+    return transaction is not None and transaction._state is _COMMITTED_STATE
 
 
 def savepoint_ended(session: orm.Session, savepoint: orm.SessionTransaction) -> None:
@@ -655,7 +665,7 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
             else:
                 session.rollback()
     except BaseException:
-        if committed and session.info.get(_COMMITTED):
+        if committed and has_committed(session):
             pass  # the COMMIT went through; a listener after it raised (re-raised)
         else:
             committed = None

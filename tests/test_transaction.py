@@ -991,12 +991,14 @@ def test_a_raising_signal_receiver_does_not_undo_the_commit(
     assert "unit-committed" in caplog.text
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["after-ours", "before-ours"])
 def test_a_commit_listener_that_raises_after_the_commit_does_not_hide_it(
-    make: t.Callable[..., Setup],
+    make: t.Callable[..., Setup], first: bool
 ) -> None:
     """Flask-SQLAlchemy's ``models_committed`` receivers run after the COMMIT:
     one that raises leaves the unit committed, its callbacks run, and its
-    error reaches the caller unchanged."""
+    error reaches the caller unchanged. Also for a listener the app put
+    before ours (``insert=True``)."""
     setup = make(SQLALCHEMY_TRACK_MODIFICATIONS=True)
     wfs = setup.wfs
     ran: list[str] = []
@@ -1004,14 +1006,17 @@ def test_a_commit_listener_that_raises_after_the_commit_does_not_hide_it(
     def broken(*args: t.Any, **kwargs: t.Any) -> None:
         raise RuntimeError("search index down")
 
-    if setup.db is not None:
+    listening: t.ContextManager[object] = contextlib.nullcontext()
+    with setup.app.app_context():
+        target = setup.db.session if setup.db is not None else wfs.sessionmaker
+    if first:
+        sa.event.listen(target, "after_commit", broken, insert=True)
+    elif setup.db is not None:
         from flask_sqlalchemy.track_modifications import models_committed
 
         listening = models_committed.connected_to(broken)
     else:
-        with setup.app.app_context():
-            sa.event.listen(wfs.sessionmaker, "after_commit", broken)
-        listening = contextlib.nullcontext()
+        sa.event.listen(target, "after_commit", broken)
     with listening, setup.app.app_context(), units(setup) as seen:
         with pytest.raises(RuntimeError, match="search index down"):
             with wfs.transaction(name="indexed"):
