@@ -63,7 +63,7 @@ from . import _report, signals
 from ._callsite import user_frame
 from ._database import SENT, aborted, invalidated, session_touched
 from ._errors import DroppedCallbacksWarning, UnitOfWorkError
-from ._pending import has_unflushed
+from ._pending import describe_pending, has_unflushed, report_discarded
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -107,6 +107,7 @@ class _Unit:
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     failed: str | None = None  # why it can no longer commit
     abandoned: bool = False  # still open when its app context ended
+    before: list[str] = dataclasses.field(default_factory=list)  # writes from before it
 
     def describe(self) -> str:
         where = f" (entered at {self.site})" if self.site else ""
@@ -460,6 +461,8 @@ class Transaction:
         if unit is None:
             _check_outermost(session, name)
             unit = _Unit(app, name, user_frame(), caller)
+            if session.in_transaction():  # rolled back with the unit, if it is: reported
+                unit.before = describe_pending(session)
             frame = _Frame(session, unit, name, entry=entry)
             session.info[UNIT] = unit
         else:
@@ -676,7 +679,17 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
     finally:
         if session.info.get(UNIT) is unit:
             del session.info[UNIT]
-        _after(session, unit, committed)
+        try:
+            if committed is None and unit.before:
+                report_discarded(
+                    unit.app,
+                    session,
+                    unit.before,
+                    f"{unit.describe()} rolled back; these writes were made before it began",
+                    reraise=False,
+                )
+        finally:
+            _after(session, unit, committed)
     if error is None and unit.failed is not None:
         raise UnitOfWorkError(
             f"T{unit.describe()[1:]} was rolled back, not committed: {unit.failed}."

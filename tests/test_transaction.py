@@ -212,6 +212,29 @@ def test_a_savepoint_whose_flush_failed_undoes_only_its_part(setup: Setup, flush
     assert ran == ["order"]
 
 
+@pytest.mark.parametrize("savepoint", [False, True])
+def test_writes_from_before_the_unit_rolled_back_with_it_are_reported(
+    setup: Setup, savepoint: bool
+) -> None:
+    """The outermost unit ends the whole transaction, earlier writes included
+    (it needs no savepoint, so ``savepoint=True`` changes nothing): when it
+    rolls back, they are not lost silently."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        add(setup, "order, before the unit")
+        with (
+            pytest.warns(DiscardedWritesWarning, match="'coupon'.*made before it began"),
+            pytest.raises(LookupError),
+            wfs.transaction(savepoint=savepoint, name="coupon"),
+        ):
+            add(setup, "coupon")
+            raise LookupError
+        with pytest.raises(LookupError), wfs.transaction():  # nothing from before: no report
+            add(setup, "undone")
+            raise LookupError
+    assert titles(setup) == []
+
+
 def test_a_savepoint_that_succeeds_is_still_undone_with_its_unit(setup: Setup) -> None:
     """The savepoint comes first, after reads only: on SQLite, Python's sqlite3
     module has no transaction open then, and releasing the savepoint would
