@@ -112,7 +112,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         "\nserves them all at once. Without it, each chat pins a connection for the whole"
         "\ncall and the rest wait for the pool, then time out. (The extension reports each"
         "\nheld connection with a warning; they are counted in the table, not shown.)"
-        "\n\nNext: 'flask --app example_app run' and open http://127.0.0.1:5000/;"
-        " the docs are in docs/ (the test command builds them into docs/_build/html)."
+        "\n\nNext: '.venv/bin/flask --app example_app run' and open http://127.0.0.1:5000/;"
+        " the docs are in docs/ (the README says how to build them)."
     )
     return 0 if ok else 1

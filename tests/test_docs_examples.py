@@ -1,11 +1,13 @@
-"""The code in the README, the quickstart and the migration guide runs as written.
+"""The code in the README, the quickstart, the migration guide and the units of
+work page runs as written.
 
 A page's ``python`` blocks build on each other: they run in order, in one
 module, as they would pasted into one file. Each block has a test of its own,
 which runs the page up to that block. After the last block of a section, the
 section's check, if it has one, uses what the section built as a reader
 would: requests, rows, connections. A section that makes a Flask app must have
-a check. ``console`` blocks are not run, but their ``pip install`` lines must
+a check. A block indented in a list item runs like the others, dedented.
+``console`` blocks are not run, but their ``pip install`` lines must
 install from the clone, with extras and groups that exist.
 """
 
@@ -15,6 +17,8 @@ import dataclasses
 import re
 import shlex
 import sys
+import textwrap
+import threading
 import types
 import typing as t
 from pathlib import Path
@@ -23,11 +27,15 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from flask_wfsession import HeldConnectionWarning
+
 ROOT = Path(__file__).parent.parent
-PAGES = ("README.md", "docs/quickstart.md", "docs/migration.md")
+PAGES = ("README.md", "docs/quickstart.md", "docs/migration.md", "docs/units-of-work.md")
 KINDS = {"python", "console", "text"}  # a block of another kind would go unchecked
 
-_FENCE = re.compile(r"^```(?P<kind>[^\n`]*)\n(?P<code>.*?)^```$", re.M | re.S)
+_FENCE = re.compile(
+    r"^(?P<indent> *)```(?P<kind>[^\n`]*)\n(?P<code>.*?)^(?P=indent)```$", re.M | re.S
+)
 _HEADING = re.compile(r"^#+ (.+)$", re.M)
 
 
@@ -52,7 +60,8 @@ def blocks(page: str) -> list[Block]:
         for heading in _HEADING.finditer(text, end, fence.start()):
             section = heading.group(1)
         line = text.count("\n", 0, fence.start("code")) + 1
-        found.append(Block(page, line, section, fence["kind"].strip(), fence["code"]))
+        code = textwrap.dedent(fence["code"])
+        found.append(Block(page, line, section, fence["kind"].strip(), code))
         end = fence.end()
     return found
 
@@ -333,3 +342,116 @@ def check_no_expiry(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPat
     assert "step: 0 held" in log
     assert [s.split(" (")[0] for s in after_step(log)] == ["INSERT INTO message"]  # no reload
     assert messages(app, module) == [("user", "Hi?"), ("assistant", "You asked: Hi?")]
+
+
+# -- docs/units-of-work.md
+
+
+def instant_llm(module: t.Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the page's stand-in LLM call instant; return, for each call, the
+    connections checked out while it ran."""
+    with module.app.app_context():
+        pool = module.db.engine.pool
+    held: list[int] = []
+    monkeypatch.setattr(module.time, "sleep", lambda seconds: held.append(pool.checkedout()))
+    return held
+
+
+def audit_rows(module: t.Any) -> tuple[list[str], list[str]]:
+    with module.app.app_context():
+        session = module.db.session
+        titles = session.scalars(sa.select(module.Conversation.title)).all()
+        actions = session.scalars(sa.select(module.AuditEntry.action).order_by("id")).all()
+    return list(titles), list(actions)
+
+
+@check("docs/units-of-work.md", "Units of work")
+def check_units(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_conversation(module.app, module)
+    with module.app.app_context():
+        module.rename(1, "Billing")
+        module.audit("exported")  # by itself: commits its entry
+    assert audit_rows(module) == (["Billing"], ["renamed conversation 1", "exported"])
+
+    # An inner unit that raises: the rename is rolled back with its audit entry.
+    @module.wfs.transaction
+    def failing_audit(action: str) -> None:
+        module.wfs.session.add(module.AuditEntry(action=action))
+        raise RuntimeError("the audit failed")
+
+    monkeypatch.setattr(module, "audit", failing_audit)
+    with module.app.app_context(), pytest.raises(RuntimeError):
+        module.rename(1, "Lost")
+    assert audit_rows(module) == (["Billing"], ["renamed conversation 1", "exported"])
+
+
+@check("docs/units-of-work.md", "The rules")
+def check_savepoint(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with module.app.app_context():
+        first = module.start("First", "help").id
+        module.start("Second", "help")  # the name is taken: no tag, the conversation stays
+        session = module.db.session
+        tags = session.execute(sa.select(module.Tag.name, module.Tag.conversation_id)).all()
+    assert [tuple(tag) for tag in tags] == [("help", first)]
+    assert audit_rows(module) == (["First", "Second"], [])
+
+
+@check("docs/units-of-work.md", "After the commit: `wfs.on_commit`")
+def check_on_commit(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_conversation(module.app, module)
+    held = instant_llm(module, monkeypatch)
+    workers: list[threading.Thread] = []
+    spawn = module.wfs.spawn
+    monkeypatch.setattr(module.wfs, "spawn", lambda *args: workers.append(spawn(*args)))
+    with module.app.app_context():
+        module.ask(1, "Hi?")
+    assert len(workers) == 1
+    workers[0].join(10)
+    assert messages(module.app, module) == [("user", "Hi?"), ("assistant", "You asked: Hi?")]
+    assert held == [0]
+
+    # Rolled back: the callback never runs.
+    with module.app.app_context(), pytest.raises(RuntimeError):
+        with module.wfs.transaction():
+            module.ask(1, "Lost?")
+            raise RuntimeError("the request failed")
+    assert len(workers) == 1
+    assert messages(module.app, module)[-1] == ("assistant", "You asked: Hi?")
+
+
+@check("docs/units-of-work.md", "Slow steps and units")
+def check_unit_steps(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, db, Message = module.app, module.db, module.Message
+    add_conversation(app, module)
+    held = instant_llm(module, monkeypatch)
+    client = app.test_client()
+    response = client.post("/conversations/1/chat", json={"message": "Hi?"})
+    assert response.json == {"answer": "You asked: Hi?"}
+    assert held == [0]
+    assert messages(app, module) == [("user", "Hi?"), ("assistant", "You asked: Hi?")]
+
+    # The LLM fails: the question is stored all the same.
+    def fail(seconds: float) -> None:
+        raise TimeoutError("the LLM did not answer")
+
+    monkeypatch.setattr(module.time, "sleep", fail)
+    assert client.post("/conversations/1/chat", json={"message": "Again?"}).status_code == 500
+    assert messages(app, module)[-1] == ("user", "Again?")
+
+    # The whole view in one unit: released while the question is unflushed,
+    # held (and reported) once a query has flushed it.
+    def whole_view_in_one_unit(query: bool) -> None:
+        with app.test_request_context(), module.wfs.transaction():
+            conversation = db.get_or_404(module.Conversation, 1)
+            conversation.messages.append(Message(role="user", content="Whole?"))
+            if query:
+                db.session.scalars(sa.select(module.Tag)).all()  # autoflush
+            answer = module.ask_llm("Whole?")
+            conversation.messages.append(Message(role="assistant", content=answer))
+
+    held = instant_llm(module, monkeypatch)
+    whole_view_in_one_unit(query=False)
+    with pytest.warns(HeldConnectionWarning):
+        whole_view_in_one_unit(query=True)
+    assert held == [0, 1]
+    assert messages(app, module)[-2:] == [("user", "Whole?"), ("assistant", "You asked: Whole?")]
