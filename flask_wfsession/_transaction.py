@@ -90,6 +90,11 @@ class _Frame:
     entry: Transaction | None = None  # the object of a 'with' block
 
 
+# The outermost unit entered in this context: tasks started inside it inherit it.
+_INSIDE: contextvars.ContextVar[_Unit | None] = contextvars.ContextVar(
+    "flask_wfsession.unit", default=None
+)
+
 # The frames of the 'with wfs.transaction()' blocks open in this thread or task,
 # so that one Transaction object can serve several at once.
 _WITH: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
@@ -103,6 +108,7 @@ class _Unit:
     name: str  # of the outermost entry
     site: str | None  # where it was entered
     owner: FrameType | None  # the Python frame running it: joins come from its call
+    task: object | None  # the asyncio task running it, if any
     started: float = dataclasses.field(default_factory=time.perf_counter)
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     failed: str | None = None  # why it can no longer commit
@@ -460,7 +466,8 @@ class Transaction:
         unit = unit_of(session)
         if unit is None:
             _check_outermost(session, name)
-            unit = _Unit(app, name, user_frame(), caller)
+            unit = _Unit(app, name, user_frame(), caller, _current_task())
+            _INSIDE.set(unit)
             if session.in_transaction():  # rolled back with the unit, if it is: reported
                 unit.before = describe_pending(session)
             frame = _Frame(session, unit, name, entry=entry)
@@ -543,13 +550,28 @@ def _check_ran(func: t.Callable[..., object], result: object) -> None:
         )
 
 
+def _current_task() -> object | None:
+    asyncio = sys.modules.get("asyncio")  # not imported: no task
+    if asyncio is None:
+        return None
+    try:
+        task: object | None = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+    return task
+
+
 def _check_join(unit: _Unit, name: str) -> None:
-    """Refuse a join from code that does not run inside the unit's own call."""
+    """Refuse a join from code that does not run inside the unit's own call
+    (nor in an asyncio task started inside it: ``asyncio.wait_for``, ``shield``)."""
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame is unit.owner:
             return
         frame = frame.f_back
+    task = _current_task()
+    if task is not None and task is not unit.task and _INSIDE.get() is unit:
+        return
     owner = unit.owner
     flags = owner.f_code.co_flags if owner is not None else 0
     if flags & inspect.CO_COROUTINE:
@@ -679,6 +701,8 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
     finally:
         if session.info.get(UNIT) is unit:
             del session.info[UNIT]
+        if _INSIDE.get() is unit:
+            _INSIDE.set(None)
         try:
             if committed is None and unit.before:
                 report_discarded(

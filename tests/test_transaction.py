@@ -893,6 +893,28 @@ def test_units_must_end_in_the_order_they_began(setup: Setup) -> None:
     assert titles(setup) == []
 
 
+def test_tasks_started_inside_a_unit_join_it(setup: Setup) -> None:
+    """``asyncio.wait_for`` (a task before Python 3.12) and ``asyncio.shield``
+    run the awaited unit in a task started inside the unit: part of its call."""
+    wfs = setup.wfs
+
+    @wfs.transaction
+    async def create(title: str) -> None:
+        add(setup, title)
+
+    @wfs.transaction(name="outer")
+    async def outer() -> None:
+        add(setup, "outer")
+        await asyncio.create_task(create("in a task"))
+        await asyncio.wait_for(create("in wait_for"), timeout=10)
+        await asyncio.shield(create("shielded"))
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        asyncio.run(outer())
+    assert counts["commit"] == 1
+    assert titles(setup) == ["in a task", "in wait_for", "outer", "shielded"]
+
+
 def test_a_task_sharing_the_context_cannot_join_another_tasks_unit(setup: Setup) -> None:
     """The second task's unit would silently join the first one's and be undone
     with it: it is refused, and the first unit, shared against its will, too."""
