@@ -62,7 +62,8 @@ from sqlalchemy.orm.session import SessionTransactionState
 from . import _report, signals
 from ._callsite import user_frame
 from ._database import SENT, aborted, invalidated, session_touched
-from ._errors import DroppedCallbacksWarning, UnitOfWorkError
+from ._errors import DroppedCallbacksWarning, NoAppContextError, UnitOfWorkError
+from ._guard import SCOPED, owned_here
 from ._pending import describe_pending, has_unflushed, report_discarded
 
 P = t.ParamSpec("P")
@@ -107,6 +108,7 @@ class _Unit:
     app: Flask
     name: str  # of the outermost entry
     site: str | None  # where it was entered
+    session: orm.Session
     owner: FrameType | None  # the Python frame running it: joins come from its call
     task: object | None  # the asyncio task running it, if any
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -300,9 +302,12 @@ def before_commit(session: orm.Session) -> None:
     info = session.info
     unit: _Unit | None = info.get(UNIT)
     if unit is None:
-        if _CALLBACKS in info and session.get_nested_transaction() is None and aborted(session):
-            info[_ABORTED] = True  # the callbacks wait for a real commit
-        return
+        unit = _replaces(session)
+        if unit is None:
+            if _CALLBACKS in info and session.get_nested_transaction() is None and aborted(session):
+                info[_ABORTED] = True  # the callbacks wait for a real commit
+            return
+        unit.failed = unit.failed or "its session was closed and replaced inside it"
     if info.get(_ENDING) is not None:
         return
     nested = session.get_nested_transaction()
@@ -438,9 +443,9 @@ class Transaction:
                 try:
                     result = await t.cast(t.Awaitable[t.Any], func(*args, **kwargs))
                 except BaseException as error:
-                    _exit(frame, error)
+                    _exit(frame, error, self._current)
                     raise
-                _exit(frame, None)
+                _exit(frame, None, self._current)
                 return result
 
             return t.cast(t.Callable[P, R], async_wrapper)
@@ -452,9 +457,9 @@ class Transaction:
                 result = func(*args, **kwargs)
                 _check_ran(func, result)
             except BaseException as error:
-                _exit(frame, error)
+                _exit(frame, error, self._current)
                 raise
-            _exit(frame, None)
+            _exit(frame, None, self._current)
             return result
 
         return wrapper
@@ -466,7 +471,7 @@ class Transaction:
         unit = unit_of(session)
         if unit is None:
             _check_outermost(session, name)
-            unit = _Unit(app, name, user_frame(), caller, _current_task())
+            unit = _Unit(app, name, user_frame(), session, caller, _current_task())
             _INSIDE.set(unit)
             if session.in_transaction():  # rolled back with the unit, if it is: reported
                 unit.before = describe_pending(session)
@@ -502,7 +507,7 @@ class Transaction:
                 " of work in the same code."
             )
         _WITH.set(tuple(f for f in open_here if f is not frame))
-        _exit(frame, exc)
+        _exit(frame, exc, self._current)
 
     async def __aenter__(self) -> orm.Session:
         return self._open(sys._getframe(1))
@@ -550,6 +555,30 @@ def _check_ran(func: t.Callable[..., object], result: object) -> None:
         )
 
 
+def _replaced_in(unit: _Unit, current: t.Callable[[], tuple[Flask, orm.Session]]) -> bool:
+    """Whether the app context's session is no longer the one the unit opened on."""
+    try:
+        return current()[1] is not unit.session
+    except NoAppContextError:
+        return False
+
+
+def _replaces(session: orm.Session) -> _Unit | None:
+    """The unit open in this context on another session that ``session``, the
+    app context's own, has replaced (``db.session.remove()`` inside the unit)."""
+    unit = _INSIDE.get()
+    if (
+        unit is None
+        or unit.session is session
+        or unit_of(unit.session) is not unit
+        or not session.info.get(SCOPED)
+        or not owned_here(session)
+        or not owned_here(unit.session)
+    ):
+        return None
+    return unit
+
+
 def _current_task() -> object | None:
     asyncio = sys.modules.get("asyncio")  # not imported: no task
     if asyncio is None:
@@ -590,7 +619,11 @@ def _check_join(unit: _Unit, name: str) -> None:
     )
 
 
-def _exit(frame: _Frame, error: BaseException | None) -> None:
+def _exit(
+    frame: _Frame,
+    error: BaseException | None,
+    current: t.Callable[[], tuple[Flask, orm.Session]],
+) -> None:
     session, unit = frame.session, frame.unit
     if unit.abandoned:  # its app context ended first (and said so)
         if error is None:
@@ -610,6 +643,11 @@ def _exit(frame: _Frame, error: BaseException | None) -> None:
             " entering them ('with' blocks do)."
         )
     unit.frames.pop()
+    if not unit.frames and unit.failed is None and _replaced_in(unit, current):
+        unit.failed = (
+            "its session was closed and replaced inside it ('db.session.remove()'?): what"
+            " was done since on the new session is not part of it"
+        )
     if unit.frames:  # joined the outer unit
         if frame.savepoint is not None:
             _end_savepoint(frame, error)

@@ -308,6 +308,29 @@ def test_a_commit_on_the_sessions_connection_inside_a_unit_is_refused(setup: Set
     assert titles(setup) == []
 
 
+@pytest.mark.parametrize("integration", ["flask-sqlalchemy"], indirect=True)
+def test_a_session_removed_before_the_units_first_statement_cannot_split_it(
+    setup: Setup,
+) -> None:
+    """``db.session.remove()`` with no transaction yet ends nothing the unit can
+    see; the new session that takes its place cannot commit inside the unit,
+    and the unit fails."""
+    wfs, db = setup.wfs, t.cast(t.Any, setup.db)
+    with (
+        pytest.warns(DiscardedWritesWarning, match="teardown"),
+        setup.app.app_context(),
+        counting(setup.engine) as counts,
+    ):
+        with pytest.raises(UnitOfWorkError, match="session was closed and replaced"):
+            with wfs.transaction(name="import"):
+                db.session.remove()  # a helper that "starts clean"
+                db.session.add(Conversation(title="first half"))
+                with pytest.raises(UnitOfWorkError, match="nothing was committed"):
+                    db.session.commit()
+    assert counts["commit"] == 0
+    assert titles(setup) == []
+
+
 @pytest.mark.parametrize("how", ["rollback", "close"])
 def test_rollback_or_close_inside_a_unit_raises_and_the_rest_is_not_committed(
     setup: Setup, how: str
