@@ -360,7 +360,8 @@ class WFSession:
     def pool_status(self) -> dict[str | None, dict[str, t.Any]]:
         """Who holds the current app's connections now, per bind key.
 
-        Each value has ``size``, ``overflow`` and ``checked_out`` (the pool's
+        Each value has ``size``, ``overflow`` (connections open beyond
+        ``size``, 0 while there are fewer) and ``checked_out`` (the pool's
         figures, ``None`` for a pool without them) and ``holders``: one record
         per checked-out connection with ``endpoint`` (view endpoint, Celery
         task or thread), ``thread``, ``held_for`` (seconds), ``state``
@@ -378,7 +379,8 @@ class WFSession:
             watched = _telemetry.watch_of(engine)
             status[key] = {
                 "size": queue.size() if queue else None,
-                "overflow": queue.overflow() if queue else None,
+                # SQLAlchemy counts up from -size as it opens connections.
+                "overflow": max(0, queue.overflow()) if queue else None,
                 "checked_out": queue.checkedout() if queue else None,
                 "holders": watched.snapshot() if watched else [],
             }

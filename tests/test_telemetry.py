@@ -234,11 +234,22 @@ def test_a_pool_timeout_names_the_holder(watched: t.Callable[..., Setup]) -> Non
     assert json.loads(json.dumps(snapshot))["null"]["checked_out"] == 1
 
 
+def test_pool_status_counts_connections_beyond_the_pool_size(
+    watched: t.Callable[..., Setup],
+) -> None:
+    setup = watched({"pool_size": 1, "max_overflow": 2, "pool_timeout": 5})
+    with setup.app.app_context():
+        assert setup.wfs.pool_status()[None]["overflow"] == 0  # none opened yet
+        with setup.engine.connect(), setup.engine.connect():
+            status = setup.wfs.pool_status()[None]
+    assert (status["size"], status["overflow"], status["checked_out"]) == (1, 1, 2)
+
+
 def test_pool_status_lists_holders(watched: t.Callable[..., Setup]) -> None:
     setup = watched()
     with setup.app.app_context():
         assert setup.wfs.pool_status() == {
-            None: {"size": 2, "overflow": -1, "checked_out": 0, "holders": []}
+            None: {"size": 2, "overflow": 0, "checked_out": 0, "holders": []}
         }
         setup.wfs.session.scalars(sa.select(Conversation)).all()
         status = setup.wfs.pool_status()[None]
