@@ -12,6 +12,9 @@ myst_enable_extensions = ["deflist"]
 myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Types for the parameters a docstring describes (and the return type): an
+# internal field (FakeStep.engines) or a ParamSpec's *args stays out.
+autodoc_typehints_description_target = "documented_params"
 html_theme = "furo"
 html_title = "flask-wfsession"
 exclude_patterns = ["_build"]
@@ -41,8 +44,18 @@ PUBLIC_NAMES = {
 
 
 def link_public_name(app, env, node, contnode):
-    """Resolve a type hint's defining-module name through its public name."""
-    public = PUBLIC_NAMES.get(node.get("reftarget"))
+    """Resolve a type hint's defining-module name through its public name:
+    another project's (intersphinx), or ours (``flask_wfsession._x.Name`` is
+    documented as ``flask_wfsession.Name``)."""
+    target = node.get("reftarget", "")
+    if target.startswith("flask_wfsession._"):
+        public = "flask_wfsession." + target.rsplit(".", 1)[1]
+        domain = env.get_domain("py")
+        builder = app.builder
+        return domain.resolve_xref(
+            env, node["refdoc"], builder, node["reftype"], public, node, contnode
+        )
+    public = PUBLIC_NAMES.get(target)
     if public is None:
         return None
     node = node.copy()

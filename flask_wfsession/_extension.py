@@ -99,6 +99,10 @@ class WFSession:
         ``db.init_app(app)`` first). With ``engine``, use it. With neither,
         build an engine from :confval:`WFSESSION_DATABASE_URI`.
 
+        :param app: the Flask app.
+        :param db: a Flask-SQLAlchemy ``SQLAlchemy`` whose engines and
+            ``db.session`` to adopt.
+        :param engine: an engine to use.
         :raise SetupError: already registered, both ``db`` and ``engine``, or no
             database configured.
         :raise SettingError: a configuration value that is not one of its
@@ -243,7 +247,7 @@ class WFSession:
         *,
         savepoint: bool = False,
         name: str | None = None,
-    ) -> t.Any:
+    ) -> t.Callable[..., t.Any] | _transaction.Transaction:
         """A unit of work on the current app context's session.
 
         The outermost unit commits the session when it ends normally and rolls
@@ -262,13 +266,18 @@ class WFSession:
                 session.add(Message(...))
 
         Decorates functions and ``async def`` functions, not generators; ``with``
-        and ``async with`` give the session. Make a new one for each ``with``.
+        and ``async with`` give the session. One :class:`Transaction` may serve
+        ``with`` blocks in several threads and tasks at once.
 
+        :param func: the function, when used as ``@wfs.transaction`` without
+            parentheses.
         :param savepoint: inside an open unit, wrap this part in a SAVEPOINT:
             if it raises, only this part is undone and the unit goes on. The
             outermost unit needs none.
         :param name: the unit's name in errors and signals; by default the
             function's qualified name, or ``"with wfs.transaction()"``.
+        :return: the decorated function with ``func``, else a
+            :class:`Transaction` to use as a decorator or context manager.
         :raise NoAppContextError: entered outside an app context.
         """
         unit = _transaction.Transaction(self._unit_session, savepoint=savepoint, name=name)
@@ -293,6 +302,7 @@ class WFSession:
 
             wfs.on_commit(lambda: summarize.delay(conversation_id))
 
+        :param fn: called with no arguments.
         :raise NoAppContextError: outside an app context.
         """
         _transaction.on_commit(self._current("wfs.on_commit()")[1].scoped.get(), fn)
@@ -391,6 +401,8 @@ class WFSession:
     ) -> threading.Thread:
         """Run ``fn`` in a new thread, in a new app context with its own session.
 
+        :param fn: called with ``args`` and ``kwargs``: ids and plain values,
+            not attached ORM objects.
         :return: the started thread. An exception in ``fn`` is logged.
         :raise AttachedObjectError: an argument is an attached ORM object.
         """
@@ -406,6 +418,9 @@ class WFSession:
     ) -> concurrent.futures.Future[R]:
         """Submit ``fn`` to ``executor`` to run in a new app context with its own session.
 
+        :param executor: a ``concurrent.futures.ThreadPoolExecutor``, say.
+        :param fn: called with ``args`` and ``kwargs``: ids and plain values,
+            not attached ORM objects.
         :return: the future; an exception in ``fn`` is raised by ``result()``.
         :raise AttachedObjectError: an argument is an attached ORM object.
         """
@@ -417,6 +432,7 @@ class WFSession:
         Also disposes the engines' pools (keeping the parent's connections)
         in each new worker process.
 
+        :param celery_app: the ``celery.Celery`` app.
         :param app: the Flask app; the current app by default.
         """
         if app is None:
