@@ -111,6 +111,32 @@ def aborted(session: orm.Session) -> bool:
     return False
 
 
+def ended_under(session: orm.Session) -> bool:
+    """Whether a SQLite transaction of ``session`` that wrote was ended by
+    someone else on the same driver connection (pools that share one, such as
+    ``StaticPool``): the driver has no transaction open any more."""
+    for connection in connections(session):
+        if connection.dialect.name != "sqlite" or connection.invalidated:
+            continue
+        driver = connection.connection.dbapi_connection
+        baseline = connection.info.get(_BASELINE)
+        if getattr(driver, "in_transaction", True) or baseline is None:
+            continue
+        if _sqlite_changes(connection) != baseline:
+            return True
+    return False
+
+
+def shares_driver(session: orm.Session, connection: sa.Connection) -> bool:
+    """Whether ``connection`` is another checkout of a driver connection that
+    ``session``'s transaction uses (a pool that shares one)."""
+    driver = connection.connection.dbapi_connection
+    return any(
+        c is not connection and not c.invalidated and c.connection.dbapi_connection is driver
+        for c in connections(session)
+    )
+
+
 def connections(session: orm.Session) -> list[sa.Connection]:
     """The connections ``session``'s open transaction holds."""
     return list(session.info.get(CONNECTIONS, ()))

@@ -18,6 +18,7 @@ import flask.globals
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
+from . import _long_running, _transaction
 from ._errors import AttachedObjectError
 from ._guard import step_var
 from ._pending import describe, identity_key
@@ -34,6 +35,11 @@ _NOT_INHERITED: frozenset[contextvars.ContextVar[t.Any]] = frozenset(
         getattr(flask.globals, "_cv_app", None),
         getattr(flask.globals, "_cv_request", None),
         step_var,
+        # The caller's open units and 'with' blocks: not the worker's, and
+        # they would keep the caller's frames alive while it runs.
+        _transaction._INSIDE,
+        _transaction._WITH,
+        _long_running._WITH,
     )
     if v is not None
 )

@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import time
 import typing as t
 import weakref
@@ -57,13 +58,20 @@ from types import FrameType, TracebackType
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from flask import Flask
+from flask.globals import _cv_app
 from sqlalchemy.orm.session import SessionTransactionState
 
 from . import _report, signals
 from ._callsite import user_frame
-from ._database import SENT, aborted, invalidated, session_touched
+from ._database import (
+    SENT,
+    aborted,
+    ended_under,
+    invalidated,
+    session_touched,
+    shares_driver,
+)
 from ._errors import DroppedCallbacksWarning, NoAppContextError, UnitOfWorkError
-from ._guard import SCOPED, owned_here
 from ._pending import describe_pending, has_unflushed, report_discarded
 
 P = t.ParamSpec("P")
@@ -76,6 +84,10 @@ _COMMITTED = "flask_wfsession.committed"  # Session.info: the ending transaction
 _RELEASED = "flask_wfsession.released"  # Session.info: the savepoint whose release is ending
 _ABORTED = "flask_wfsession.aborted"  # Session.info: the COMMIT being sent will roll back
 _COMMITTED_STATE = SessionTransactionState.COMMITTED
+_REPLACED = (
+    "its session was closed and replaced inside it ('db.session.remove()'?): what was"
+    " done since on the new session is not part of it"
+)
 
 Ending = t.Literal["unit", "release"]
 
@@ -109,8 +121,12 @@ class _Unit:
     name: str  # of the outermost entry
     site: str | None  # where it was entered
     session: orm.Session
+    current: t.Callable[[], tuple[Flask, orm.Session]]  # the app context's session now
     owner: FrameType | None  # the Python frame running it: joins come from its call
     task: object | None  # the asyncio task running it, if any
+    thread: int = dataclasses.field(default_factory=threading.get_ident)
+    context: object = dataclasses.field(default_factory=lambda: _cv_app.get(None))
+    outer: _Unit | None = None  # the unit _INSIDE named before this one
     started: float = dataclasses.field(default_factory=time.perf_counter)
     frames: list[_Frame] = dataclasses.field(default_factory=list)
     failed: str | None = None  # why it can no longer commit
@@ -268,7 +284,10 @@ def _unit_session(connection: sa.Connection) -> orm.Session | None:
 
 def _before_commit_sent(connection: sa.Connection) -> None:
     session = _unit_session(connection)
-    if session is None or session.info.get(_ENDING) is not None:
+    if session is None:
+        _check_shared(connection)
+        return
+    if session.info.get(_ENDING) is not None:
         return
     unit: _Unit = session.info[UNIT]
     site = user_frame()
@@ -278,6 +297,25 @@ def _before_commit_sent(connection: sa.Connection) -> None:
         f" ('session.connection().commit()'?) inside {unit.describe()}: nothing was"
         " committed, and the unit can no longer commit. A unit of work commits once,"
         f" when its outermost entry {unit.name!r} returns: remove this commit."
+    )
+
+
+def _check_shared(connection: sa.Connection) -> None:
+    """Refuse another session's COMMIT on the driver connection an open unit uses
+    (a pool that shares one connection): it would commit the unit's writes."""
+    unit = _INSIDE.get()
+    if (
+        unit is None
+        or unit_of(unit.session) is not unit
+        or not shares_driver(unit.session, connection)
+    ):
+        return
+    raise UnitOfWorkError(
+        f"A COMMIT by another session inside {unit.describe()}, on the one database"
+        " connection the unit's session uses too (a StaticPool or SingletonThreadPool,"
+        " as Flask-SQLAlchemy makes for 'sqlite://'): it would commit the unit's writes."
+        " Nothing was committed. On such a pool, sessions cannot be kept apart: use a"
+        " file database or a QueuePool, or do this work after the unit."
     )
 
 
@@ -307,7 +345,7 @@ def before_commit(session: orm.Session) -> None:
             if _CALLBACKS in info and session.get_nested_transaction() is None and aborted(session):
                 info[_ABORTED] = True  # the callbacks wait for a real commit
             return
-        unit.failed = unit.failed or "its session was closed and replaced inside it"
+        unit.failed = unit.failed or _REPLACED
     if info.get(_ENDING) is not None:
         return
     nested = session.get_nested_transaction()
@@ -375,6 +413,7 @@ def transaction_ended(session: orm.Session) -> None:
     and raise."""
     info = session.info
     committed = info.pop(_COMMITTED, False)
+    info.pop(_ABORTED, None)  # a COMMIT that failed before it was sent
     if UNIT not in info and _CALLBACKS not in info:  # the usual case
         return
     kind = info.get(_ENDING)
@@ -471,7 +510,17 @@ class Transaction:
         unit = unit_of(session)
         if unit is None:
             _check_outermost(session, name)
-            unit = _Unit(app, name, user_frame(), session, caller, _current_task())
+            replaced = _replaces(session)
+            if replaced is not None:
+                replaced.failed = replaced.failed or _REPLACED
+                raise UnitOfWorkError(
+                    f"The unit of work {name!r} was entered inside {replaced.describe()},"
+                    " on a session that replaced that unit's own: it would commit on its"
+                    " own. Neither will commit. Do not remove or close the session inside"
+                    " a unit ('db.session.remove()')."
+                )
+            unit = _Unit(app, name, user_frame(), session, self._current, caller, _current_task())
+            unit.outer = _INSIDE.get()
             _INSIDE.set(unit)
             if session.in_transaction():  # rolled back with the unit, if it is: reported
                 unit.before = describe_pending(session)
@@ -488,7 +537,7 @@ class Transaction:
         return self._open(sys._getframe(1))
 
     def _open(self, caller: FrameType) -> orm.Session:
-        frame = self._enter(self.name or "with wfs.transaction()", caller, self)
+        frame = self._enter(self.name or "with wfs.transaction()", _user_code(caller), self)
         _WITH.set((*_WITH.get(), frame))
         return frame.session
 
@@ -521,11 +570,29 @@ class Transaction:
         self.__exit__(exc_type, exc, tb)
 
 
+def _code(generator: t.Any) -> t.Any:
+    return getattr(generator, "gi_code", None) or generator.ag_code
+
+
+def _not_started(generator: t.Any) -> bool:
+    if inspect.isgenerator(generator):
+        return inspect.getgeneratorstate(generator) == inspect.GEN_CREATED
+    return True  # an async generator: a plain function cannot have run it
+
+
 def _check_outermost(session: orm.Session, name: str) -> None:
     """Refuse to open a unit inside the app's own ``session.begin()`` or
     ``begin_nested()`` block: the block ends the transaction, the unit would
     split it."""
     transaction = session.get_transaction()
+    failed = _failed_inside(session) if transaction is not None else None
+    if failed is not None:
+        raise UnitOfWorkError(
+            f"The unit of work {name!r} was entered on a transaction that can no longer"
+            f" commit ({failed.split(': ', 1)[-1]}): an earlier statement failed, and its"
+            " error was caught. Nothing was committed. Roll the session back"
+            " ('session.rollback()') before entering the unit."
+        )
     if transaction is None or (
         transaction.origin is orm.SessionTransactionOrigin.AUTOBEGIN
         and not session.in_nested_transaction()
@@ -541,8 +608,14 @@ def _check_outermost(session: orm.Session, name: str) -> None:
 
 def _check_ran(func: t.Callable[..., object], result: object) -> None:
     """Refuse a function whose body did not run in the call: it returned a
-    generator or an awaitable (a decorator hid what it wraps)."""
-    if inspect.isgenerator(result) or inspect.isasyncgen(result) or inspect.isawaitable(result):
+    coroutine, or a generator not started yet (a decorator hid what it wraps).
+    A generator expression built from what the unit loaded is fine."""
+    unrun = inspect.iscoroutine(result) or (
+        (inspect.isgenerator(result) or inspect.isasyncgen(result))
+        and _code(result).co_name != "<genexpr>"
+        and _not_started(result)
+    )
+    if unrun:
         close = getattr(result, "close", None)
         if close is not None:
             close()  # its body never runs: no "never awaited" warning
@@ -564,19 +637,41 @@ def _replaced_in(unit: _Unit, current: t.Callable[[], tuple[Flask, orm.Session]]
 
 
 def _replaces(session: orm.Session) -> _Unit | None:
-    """The unit open in this context on another session that ``session``, the
-    app context's own, has replaced (``db.session.remove()`` inside the unit)."""
+    """The unit open in this app context on another session that ``session``,
+    now the context's own, has replaced (``db.session.remove()`` inside the unit)."""
     unit = _INSIDE.get()
     if (
         unit is None
         or unit.session is session
         or unit_of(unit.session) is not unit
-        or not session.info.get(SCOPED)
-        or not owned_here(session)
-        or not owned_here(unit.session)
+        or unit.context is not _cv_app.get(None)
     ):
         return None
-    return unit
+    try:
+        return unit if unit.current()[1] is session else None
+    except NoAppContextError:
+        return None
+
+
+_CONTEXTLIB = contextlib.__file__
+
+
+def _user_code(frame: FrameType) -> FrameType:
+    """The frame of the code a ``with`` block belongs to, past ``contextlib``:
+    ``ExitStack.enter_context``, and the generator of a ``@contextmanager``
+    (which contextlib resumes in step with its caller)."""
+    current: FrameType | None = frame
+    while current is not None:
+        back = current.f_back
+        in_contextlib = current.f_code.co_filename == _CONTEXTLIB
+        wrapped = back is not None and back.f_code.co_filename == _CONTEXTLIB
+        if not (in_contextlib or (wrapped and current.f_code.co_flags & _GENERATORS)):
+            return current
+        current = back
+    return frame
+
+
+_GENERATORS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
 
 
 def _current_task() -> object | None:
@@ -598,9 +693,10 @@ def _check_join(unit: _Unit, name: str) -> None:
         if frame is unit.owner:
             return
         frame = frame.f_back
-    task = _current_task()
-    if task is not None and task is not unit.task and _INSIDE.get() is unit:
-        return
+    if _INSIDE.get() is unit and (
+        threading.get_ident() != unit.thread or _current_task() is not unit.task
+    ):
+        return  # a task or thread started inside it, awaited by it (asyncio.to_thread)
     owner = unit.owner
     flags = owner.f_code.co_flags if owner is not None else 0
     if flags & inspect.CO_COROUTINE:
@@ -644,10 +740,7 @@ def _exit(
         )
     unit.frames.pop()
     if not unit.frames and unit.failed is None and _replaced_in(unit, current):
-        unit.failed = (
-            "its session was closed and replaced inside it ('db.session.remove()'?): what"
-            " was done since on the new session is not part of it"
-        )
+        unit.failed = _REPLACED
     if unit.frames:  # joined the outer unit
         if frame.savepoint is not None:
             _end_savepoint(frame, error)
@@ -693,6 +786,11 @@ def _failed_inside(session: orm.Session) -> str | None:
         return f"{caught}: SQLAlchemy rolled the transaction back"
     if aborted(session):
         return f"{caught}: the database aborted the transaction, and a COMMIT would roll it back"
+    if ended_under(session):
+        return (
+            "its writes were committed or rolled back by another session sharing its"
+            " database connection (StaticPool)"
+        )
     return None
 
 
@@ -740,7 +838,8 @@ def _end(session: orm.Session, unit: _Unit, error: BaseException | None) -> None
         if session.info.get(UNIT) is unit:
             del session.info[UNIT]
         if _INSIDE.get() is unit:
-            _INSIDE.set(None)
+            _INSIDE.set(unit.outer)
+        unit.owner = unit.outer = None  # no frame or unit kept alive by this one
         try:
             if committed is None and unit.before:
                 report_discarded(

@@ -13,11 +13,14 @@ import functools
 import logging
 import threading
 import typing as t
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import click
 import pytest
 import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_wfsession import (
     DiscardedWritesWarning,
@@ -26,13 +29,14 @@ from flask_wfsession import (
     NoAppContextError,
     PendingChangesError,
     UnitOfWorkError,
+    WFSession,
     long_running,
     signals,
 )
 from flask_wfsession.testing import FakeStep
 
 from .conftest import Setup, checked_out, dialect
-from .models import Conversation, Message
+from .models import Base, Conversation, Message
 from .test_dead_connections import SERVER_BACKENDS, backend_id, kill
 
 P = t.ParamSpec("P")
@@ -329,6 +333,79 @@ def test_a_session_removed_before_the_units_first_statement_cannot_split_it(
                     db.session.commit()
     assert counts["commit"] == 0
     assert titles(setup) == []
+
+
+@pytest.mark.parametrize("integration", ["flask-sqlalchemy"], indirect=True)
+def test_a_unit_entered_on_a_session_that_replaced_the_units_own_is_refused(
+    setup: Setup,
+) -> None:
+    wfs, db = setup.wfs, t.cast(t.Any, setup.db)
+
+    @wfs.transaction(name="save")
+    def save() -> None:
+        add(setup, "inner")
+
+    with (
+        pytest.warns(DiscardedWritesWarning, match="teardown"),
+        setup.app.app_context(),
+    ):
+        with pytest.raises(UnitOfWorkError, match="rolled back, not committed"):
+            with wfs.transaction(name="outer"):
+                db.session.remove()
+                db.session.add(Conversation(title="pending"))
+                with pytest.raises(UnitOfWorkError, match="'save' was entered inside"):
+                    save()
+    assert titles(setup) == []
+
+
+@pytest.mark.parametrize("integration", ["flask-sqlalchemy"], indirect=True)
+def test_the_apps_own_sessions_commit_freely_inside_a_unit(setup: Setup) -> None:
+    """A session from ``db.session.session_factory()`` is not the unit's, nor one
+    that replaced it: it commits on its own, as without the extension."""
+    wfs, db = setup.wfs, t.cast(t.Any, setup.db)
+    with setup.app.app_context():
+        with wfs.transaction():
+            wfs.session.execute(sa.select(Conversation.id)).all()  # no write lock (SQLite)
+            own = db.session.session_factory()
+            try:
+                own.add(Conversation(title="own session"))
+                own.commit()
+            finally:
+                own.close()
+            add(setup, "unit")
+    assert titles(setup) == ["own session", "unit"]
+
+
+def test_on_a_pool_of_one_shared_connection_another_sessions_commit_is_refused(
+    integration: str,
+) -> None:
+    """Flask-SQLAlchemy's ``sqlite://`` (a StaticPool): a detached session shares
+    the unit's one connection, so its COMMIT would commit the unit's writes,
+    and its rollback undoes them. The COMMIT is refused, and the unit, whose
+    writes are gone, fails instead of committing the rest."""
+    app = Flask(__name__)
+    wfs = WFSession()
+    if integration == "flask-sqlalchemy":
+        app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+        db = SQLAlchemy()
+        db.init_app(app)
+        wfs.init_app(app, db=db)
+    else:
+        wfs.init_app(app, engine=sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool))
+    with app.app_context():
+        assert isinstance(wfs.engine.pool, sa.pool.StaticPool)
+        Base.metadata.create_all(wfs.engine)
+        with pytest.raises(UnitOfWorkError, match="rolled back, not committed: its writes"):
+            with wfs.transaction():
+                wfs.session.add(Conversation(title="unit"))
+                wfs.session.flush()
+                with pytest.raises(UnitOfWorkError, match="StaticPool"):
+                    with wfs.detached() as session:
+                        session.add(Conversation(title="audit"))
+                wfs.session.add(Conversation(title="the rest"))
+        assert wfs.session.scalars(sa.select(Conversation.title)).all() == []
+        wfs.session.commit()
+        wfs.engine.dispose()
 
 
 @pytest.mark.parametrize("how", ["rollback", "close"])
@@ -664,6 +741,30 @@ def test_on_commit_outside_a_unit_waits_for_a_commit_that_really_commits(
         assert (titles(setup), ran) == (["order", "taken"], ["confirm"])
 
 
+def test_a_failed_commit_does_not_cost_the_next_commit_its_callbacks(
+    setup: Setup, backend: str
+) -> None:
+    """A caught error, then a commit that fails and a rollback: the next commit
+    is a real one, and its callbacks run."""
+    wfs = setup.wfs
+    ran: list[str] = []
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        wfs.on_commit(lambda: ran.append("first"))
+        with pytest.raises(sa.exc.IntegrityError):
+            wfs.session.execute(sa.insert(Conversation).values(id=7, title="duplicate"))
+        wfs.session.add(Conversation(id=7, title="duplicate again"))  # flushed by the commit
+        with pytest.raises(sa.exc.DatabaseError):
+            wfs.session.commit()
+        wfs.session.rollback()
+        wfs.on_commit(lambda: ran.append("second"))
+        add(setup, "next")
+        wfs.session.commit()
+    assert titles(setup) == ["next", "taken"]
+    assert ran == ["second"]
+
+
 def test_a_raising_callback_is_logged_and_the_others_run(
     setup: Setup, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -938,6 +1039,52 @@ def test_tasks_started_inside_a_unit_join_it(setup: Setup) -> None:
     assert titles(setup) == ["in a task", "in wait_for", "outer", "shielded"]
 
 
+@pytest.mark.parametrize("wrapper", ["ExitStack", "contextmanager"])
+def test_units_entered_through_contextlib_can_be_joined(setup: Setup, wrapper: str) -> None:
+    """``ExitStack.enter_context`` and an app's own ``@contextmanager`` helper
+    enter the unit for the code around them, which joins it."""
+    wfs = setup.wfs
+
+    @wfs.transaction
+    def audit(action: str) -> None:
+        add(setup, action)
+
+    @contextlib.contextmanager
+    def atomic() -> t.Iterator[None]:
+        with wfs.transaction(name="atomic"):
+            yield
+
+    with setup.app.app_context(), counting(setup.engine) as counts:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(wfs.transaction() if wrapper == "ExitStack" else atomic())
+            add(setup, "work")
+            audit("audit")
+    assert counts["commit"] == 1
+    assert titles(setup) == ["audit", "work"]
+
+
+def test_threads_and_tasks_the_unit_awaits_join_it(setup: Setup) -> None:
+    """``asyncio.to_thread`` runs a function in a thread with the unit's context;
+    an eager task's own unit in a nested app context leaves the outer one whole."""
+    wfs = setup.wfs
+
+    @wfs.transaction
+    def create(title: str) -> None:
+        add(setup, title)
+
+    @wfs.transaction(name="outer")
+    async def outer() -> None:
+        with setup.app.app_context():  # an eager task, say: its own unit, committed
+            create("in a nested context")
+        await asyncio.to_thread(create, "in a thread")  # after the nested unit ended
+        await asyncio.wait_for(asyncio.to_thread(create, "in wait_for"), 10)
+        add(setup, "outer")
+
+    with setup.app.app_context():
+        asyncio.run(outer())
+    assert titles(setup) == ["in a nested context", "in a thread", "in wait_for", "outer"]
+
+
 def test_a_task_sharing_the_context_cannot_join_another_tasks_unit(setup: Setup) -> None:
     """The second task's unit would silently join the first one's and be undone
     with it: it is refused, and the first unit, shared against its will, too."""
@@ -1157,6 +1304,62 @@ def test_a_generator_or_coroutine_under_another_decorator_is_seen_through(
         with pytest.raises(TypeError, match=r"returned 'generator' object.*rolled back"):
             hides_a_generator()
     assert titles(setup) == ["awaited inside the unit"]
+
+
+def test_a_unit_may_return_a_generator_expression_over_what_it_loaded(setup: Setup) -> None:
+    @setup.wfs.transaction
+    def create(titles_: list[str]) -> t.Iterator[str]:
+        made = [Conversation(title=title) for title in titles_]
+        setup.wfs.session.add_all(made)
+        setup.wfs.session.flush()
+        return (c.title for c in made)
+
+    with setup.app.app_context():
+        assert list(create(["a", "b"])) == ["a", "b"]
+    assert titles(setup) == ["a", "b"]
+
+
+def test_a_unit_entered_on_an_aborted_transaction_is_refused(setup: Setup, backend: str) -> None:
+    """PostgreSQL aborted the transaction after a caught error: no unit can
+    commit on it, and it says so at once."""
+    wfs = setup.wfs
+    with setup.app.app_context():
+        wfs.session.add(Conversation(id=7, title="taken"))
+        wfs.session.commit()
+        with pytest.raises(sa.exc.IntegrityError):
+            wfs.session.execute(sa.insert(Conversation).values(id=7, title="duplicate"))
+        if dialect(backend) == "postgresql":
+            with pytest.raises(UnitOfWorkError, match="entered on a transaction that can no"):
+                with wfs.transaction():
+                    pass
+            wfs.session.rollback()
+        with wfs.transaction():
+            add(setup, "after")
+    assert titles(setup) == ["after", "taken"]
+
+
+def test_a_unit_keeps_nothing_of_its_callers_alive_in_workers(setup: Setup) -> None:
+    """A worker started inside a unit does not inherit it: once the unit and
+    its function are over, their locals are freed while the worker runs."""
+    wfs = setup.wfs
+    release = threading.Event()
+
+    class Big:
+        pass
+
+    def view() -> weakref.ref[Big]:
+        local = Big()  # in the frame that enters the unit
+        with wfs.transaction():
+            wfs.spawn(release.wait, 10)
+            add(setup, "row")
+        return weakref.ref(local)
+
+    with setup.app.app_context():
+        alive = view()
+    try:
+        assert alive() is None
+    finally:
+        release.set()
 
 
 def test_an_interrupted_callback_reports_the_ones_it_stopped(setup: Setup) -> None:
