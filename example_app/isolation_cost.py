@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from flask_wfsession.testing import _read, _restore, _tables
+from flask_wfsession.testing import _restore, _snapshot
 from tests.models import Base, Conversation
 
 SERVERS = {
@@ -29,8 +29,7 @@ def per_test(engine: sa.Engine, write: bool, runs: int) -> float:
     """Milliseconds per test of the fixture's work (and the test's insert, if ``write``)."""
 
     def one() -> None:
-        with engine.connect() as connection:
-            saved = {table: _read(connection, table) for table in _tables(engine)}
+        saved = _snapshot(engine)
         if write:
             with engine.begin() as connection:
                 connection.execute(sa.insert(Conversation).values(title="written by the test"))

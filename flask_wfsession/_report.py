@@ -61,10 +61,16 @@ def report(
 
 
 def send(signal: Signal, app: Flask, *, reraise: bool, **kwargs: t.Any) -> None:
-    """Send ``signal``; log a receiver's exception and re-raise it if ``reraise``."""
-    try:
-        signal.send(app, **kwargs)
-    except Exception:
-        log().exception("A receiver of the %r signal raised.", getattr(signal, "name", signal))
-        if reraise:
-            raise
+    """Send ``signal`` to each receiver in turn: one that raises is logged, and
+    the others still receive it; the first error is re-raised if ``reraise``."""
+    if not signal.receivers:
+        return
+    first: Exception | None = None
+    for receiver in signal.receivers_for(app):
+        try:
+            receiver(app, **kwargs)
+        except Exception as error:
+            log().exception("A receiver of the %r signal raised.", getattr(signal, "name", signal))
+            first = first or error
+    if reraise and first is not None:
+        raise first

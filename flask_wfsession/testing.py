@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import typing as t
+import warnings
 
 import pytest
 import sqlalchemy as sa
@@ -81,40 +82,192 @@ def _app(request: pytest.FixtureRequest) -> tuple[Flask, _State]:
 # -- Isolation ---------------------------------------------------------------------
 
 Rows = list[tuple[t.Any, ...]]
+_LOCK_TIMEOUT_S = 10  # a restore waiting longer on a row lock: a session left open
 
 
-def _tables(engine: sa.Engine) -> list[sa.Table]:
-    """The engine's tables, parents before children."""
+@dataclasses.dataclass
+class _Snapshot:
+    """What one engine's database held before the test."""
+
+    tables: dict[sa.Table, Rows]
+    sequences: dict[str, tuple[t.Any, ...]]  # PostgreSQL: name -> setval() arguments
+
+
+def _tables(connection: sa.Connection) -> list[sa.Table]:
+    """The tables of the connection's default schema, parents before children."""
     metadata = sa.MetaData()
-    metadata.reflect(engine)
-    return list(metadata.sorted_tables)
+    metadata.reflect(connection, views=False)
+    with warnings.catch_warnings():  # foreign-key cycles: any order will do, checks are off
+        warnings.simplefilter("ignore", sa.exc.SAWarning)
+        return list(metadata.sorted_tables)
 
 
 def _read(connection: sa.Connection, table: sa.Table) -> Rows:
-    columns = list(table.primary_key.columns) or list(table.columns)
-    return [tuple(r) for r in connection.execute(sa.select(table).order_by(*columns))]
+    """The table's rows, in primary key order; without a primary key, sorted here
+    (a column such as PostgreSQL's ``json`` has no order in SQL)."""
+    if table.primary_key.columns:
+        query = sa.select(table).order_by(*table.primary_key.columns)
+        return [tuple(r) for r in connection.execute(query)]
+    return sorted((tuple(r) for r in connection.execute(sa.select(table))), key=repr)
 
 
-def _restore(engine: sa.Engine, saved: dict[sa.Table, Rows]) -> list[str]:
-    """Put back the rows of every table that changed; return their names."""
+def _sequences(connection: sa.Connection) -> dict[str, tuple[t.Any, ...]]:
+    """PostgreSQL's sequences in the search path, as ``setval()`` arguments: a
+    test that restarts one (``TRUNCATE ... RESTART IDENTITY``) must not leave
+    the next test's ids colliding with the restored rows."""
+    if connection.dialect.name != "postgresql":
+        return {}
+    rows = connection.exec_driver_sql(
+        "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename),"
+        " coalesce(last_value, start_value), last_value IS NOT NULL"
+        " FROM pg_sequences WHERE schemaname = ANY (current_schemas(false))"
+    )
+    return {name: (value, called) for name, value, called in rows}
+
+
+def _snapshot(engine: sa.Engine) -> _Snapshot:
     with engine.connect() as connection:
-        changed = [table for table, rows in saved.items() if _read(connection, table) != rows]
-    if not changed:
-        return []
-    with engine.begin() as connection:
-        if engine.dialect.name in ("mysql", "mariadb"):
-            connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
-        for table in reversed(changed):
+        tables = {table: _read(connection, table) for table in _tables(connection)}
+        return _Snapshot(tables, _sequences(connection))
+
+
+_SETTINGS_BACK = {  # after the restore: the connection goes back to the pool as it was
+    "mysql": ("SET FOREIGN_KEY_CHECKS = 1", "SET SESSION innodb_lock_wait_timeout = DEFAULT"),
+    "sqlite": ("PRAGMA foreign_keys = {sqlite_foreign_keys}",),
+}
+
+
+def _checks_off(connection: sa.Connection) -> tuple[bool, dict[str, t.Any]]:
+    """Turn foreign-key checks and actions (cascades) off for the restore, where
+    the database allows; return whether it did, and what to set back."""
+    dialect = connection.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
+        connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {_LOCK_TIMEOUT_S}")
+        return True, {}
+    if dialect == "postgresql":  # SET LOCAL: undone with the transaction
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT_S}s'")
+        try:  # also keeps triggers quiet; needs a superuser or the table owner's role
+            with connection.begin_nested():
+                connection.exec_driver_sql("SET LOCAL session_replication_role = replica")
+        except sa.exc.DBAPIError:
+            return False, {}
+        return True, {}
+    if dialect == "sqlite":
+        # Only outside a transaction; Python's sqlite3 has none open before a write.
+        was = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        off = not connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        return off, {"sqlite_foreign_keys": int(bool(was))}
+    return False, {}
+
+
+def _settings_back(connection: sa.Connection, values: dict[str, t.Any]) -> None:
+    name = "mysql" if connection.dialect.name == "mariadb" else connection.dialect.name
+    for statement in _SETTINGS_BACK.get(name, ()):
+        connection.exec_driver_sql(statement.format(**values))
+
+
+def _dependents(tables: list[sa.Table], changed: set[sa.Table]) -> set[sa.Table]:
+    """``changed`` and every table that references one of them, directly or not:
+    deleting a parent's rows deletes (cascades) or blocks its children's."""
+    result = set(changed)
+    grew = True
+    while grew:
+        grew = False
+        for table in tables:
+            if table not in result and any(fk.column.table in result for fk in table.foreign_keys):
+                result.add(table)
+                grew = True
+    return result
+
+
+def _restore(engine: sa.Engine, snapshot: _Snapshot) -> list[str]:
+    """Put back the rows of every table that changed; return their names.
+
+    The restore runs with foreign-key checks and cascades off where the
+    database allows (else the tables that reference a changed one are
+    restored too), and with a lock timeout; its settings are set back
+    afterwards (or, failing that, its connection is discarded), so none
+    leaks into the pool. PostgreSQL's sequences are set back too.
+    """
+    restored: set[str] = set()
+    for _ in range(_PASSES):
+        changed = _restore_once(engine, snapshot)
+        if not changed:
+            return sorted(restored)
+        restored |= changed
+    raise RuntimeError(
+        f"wfs_isolation restored {sorted(restored)} {_PASSES} times, and they still differ"
+        " from before the test: a trigger writes to a table each time another is restored."
+        " Keep such triggers out of the test database, or drop them in a fixture."
+    )
+
+
+_PASSES = 3  # a trigger that writes on restore: restore what it wrote, then check again
+
+
+def _insert(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
+    kept = [i for i, c in enumerate(table.columns) if c.computed is None]  # generated: skip
+    keys = [table.columns[i].key for i in kept]
+    values = [{k: row[i] for k, i in zip(keys, kept, strict=True)} for row in rows]
+    always = any(c.identity is not None and c.identity.always for c in table.columns)
+    if always and connection.dialect.name == "postgresql":  # GENERATED ALWAYS AS IDENTITY
+        sql = str(table.insert().compile(dialect=connection.dialect))
+        sql = sql.replace(" VALUES ", " OVERRIDING SYSTEM VALUE VALUES ", 1)
+        connection.exec_driver_sql(sql, values)
+    else:
+        connection.execute(table.insert(), values)
+
+
+def _restore_once(engine: sa.Engine, snapshot: _Snapshot) -> set[str]:
+    """One pass of :func:`_restore`: the names of what it restored."""
+    saved = snapshot.tables
+    tables = list(saved)
+    with engine.connect() as connection:
+        changed = {table for table in tables if _read(connection, table) != saved[table]}
+        sequences = {
+            name: args
+            for name, args in _sequences(connection).items()
+            if snapshot.sequences.get(name, args) != args
+        }
+    if not changed and not sequences:
+        return set()
+    connection = engine.connect()
+    values: dict[str, t.Any] = {}
+    try:
+        off, values = _checks_off(connection)
+        if not off:
+            changed = _dependents(tables, changed)
+        order = [table for table in tables if table in changed]
+        for table in reversed(order):
             connection.execute(table.delete())
-        for table in changed:
+        for table in order:
             if saved[table]:
-                keys = [c.key for c in table.columns]
+                _insert(connection, table, saved[table])
+        for name, (value, called) in snapshot.sequences.items():
+            if name in sequences:
                 connection.execute(
-                    table.insert(), [dict(zip(keys, r, strict=True)) for r in saved[table]]
+                    sa.text("SELECT setval(:name, :value, :called)"),
+                    {"name": name, "value": value, "called": called},
                 )
-        if engine.dialect.name in ("mysql", "mariadb"):
-            connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
-    return [table.name for table in changed]
+        connection.commit()
+    except sa.exc.OperationalError as error:
+        raise RuntimeError(
+            f"wfs_isolation could not restore {sorted(t.name for t in changed)}: {error.orig}."
+            " A session or connection the test left open may hold a lock on those rows"
+            " (wfs_leak_check names it)."
+        ) from error
+    finally:
+        try:
+            if connection.in_transaction():
+                connection.rollback()
+            _settings_back(connection, values)
+            connection.commit()
+        except sa.exc.DBAPIError:
+            connection.invalidate()  # its settings (checks off) must not go back to the pool
+        connection.close()
+    return {table.name for table in changed} | set(sequences)
 
 
 def _spawned() -> set[threading.Thread]:
@@ -128,20 +281,22 @@ def wfs_isolation(request: pytest.FixtureRequest) -> t.Iterator[list[str]]:
     Before the restore, waits for the ``wfs.spawn`` workers the test started
     (up to 30 s); futures of ``wfs.submit`` must be waited for by the test.
 
-    :return: after the test, the names of the tables that were restored.
+    :return: after the test, the names of what was restored: tables, and
+        PostgreSQL sequences.
     """
     state = _app(request)[1]
-    saved: dict[sa.Engine, dict[sa.Table, Rows]] = {}
-    for engine in set(state.engines.values()):
-        with engine.connect() as connection:
-            saved[engine] = {table: _read(connection, table) for table in _tables(engine)}
+    saved = {engine: _snapshot(engine) for engine in set(state.engines.values())}
     before = _spawned()
     restored: list[str] = []
     yield restored
-    for worker in _spawned() - before:
+    _join(_spawned() - before)
+    for engine, snapshot in saved.items():
+        restored += _restore(engine, snapshot)
+
+
+def _join(workers: set[threading.Thread]) -> None:
+    for worker in workers:
         worker.join(_JOIN_TIMEOUT)
-    for engine, tables in saved.items():
-        restored += _restore(engine, tables)
 
 
 # -- Leak check --------------------------------------------------------------------
@@ -162,8 +317,10 @@ def wfs_leak_check(request: pytest.FixtureRequest) -> t.Iterator[None]:
     def on_discarded(sender: t.Any, *, changes: list[str], reason: str, **_: t.Any) -> None:
         discarded.append(f"{'; '.join(changes)} ({reason})")
 
+    before = _spawned()
     with signals.session_discarded.connected_to(on_discarded, app):
         yield
+        _join(_spawned() - before)  # what they leave counts, whatever the fixture order
     problems = [f"uncommitted writes were discarded: {d}" for d in discarded]
     for key, engine in state.engines.items():
         pool = engine.pool

@@ -110,6 +110,127 @@ def test_isolation_undoes_what_workers_eager_tasks_and_detached_sessions_wrote(
     assert titles(setup) == ["seed"]
 
 
+def test_isolation_restores_related_tables_generated_columns_and_sequences(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    """A parent row changed: its children (cascaded away on delete, or blocking
+    it) come back unchanged; a self-reference, a generated column and, on
+    PostgreSQL, a sequence restarted by the test are restored too."""
+    result = run(
+        pytester,
+        setup,
+        """
+        metadata = sa.MetaData()
+        parent = sa.Table(
+            "wfs_test_parent", metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("price", sa.Integer),
+            sa.Column("doubled", sa.Integer, sa.Computed("price * 2", persisted=True)),
+        )
+        child = sa.Table(
+            "wfs_test_child", metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("parent_id", sa.ForeignKey("wfs_test_parent.id", ondelete="CASCADE")),
+        )
+        node = sa.Table(
+            "wfs_test_node", metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("parent_id", sa.ForeignKey("wfs_test_node.id")),
+        )
+        SEED = {
+            parent: [{"id": 1, "price": 5}],
+            child: [{"id": 1, "parent_id": 1}, {"id": 2, "parent_id": 1}],
+            node: [{"parent_id": None}, {"parent_id": None}],  # ids from the sequence
+        }
+
+        @pytest.fixture
+        def engine(app):
+            engine = app.extensions["wfsession"]._get_state(app).engines[None]
+            if engine.dialect.name == "sqlite":
+                sa.event.listen(engine, "connect", lambda c, _: c.execute("PRAGMA foreign_keys=ON"))
+                engine.dispose()
+            metadata.drop_all(engine)
+            metadata.create_all(engine)
+            with engine.begin() as connection:
+                for table, rows in SEED.items():
+                    connection.execute(table.insert(), rows)
+                connection.execute(node.update().where(node.c.id == 1).values(parent_id=2))
+            yield engine
+            metadata.drop_all(engine)
+
+        def state(engine):
+            with engine.connect() as connection:
+                return {t.name: connection.execute(sa.select(t).order_by(t.c.id)).all()
+                        for t in (parent, child, node)}
+
+        def test_isolated(engine, wfs_isolation):
+            before = state(engine)
+            with engine.begin() as connection:
+                connection.execute(parent.update().values(price=6))
+                connection.execute(node.insert().values(id=3, parent_id=1))
+                connection.execute(child.delete().where(child.c.id == 2))
+                if engine.dialect.name == "postgresql":
+                    connection.exec_driver_sql("TRUNCATE wfs_test_node RESTART IDENTITY")
+            yield_before.append(before)
+
+        yield_before = []
+
+        def test_after(engine):
+            assert state(engine) == yield_before[0]
+            assert state(engine)["wfs_test_parent"] == [(1, 5, 10)]
+            with engine.begin() as connection:  # the next id is free
+                connection.execute(node.insert().values(parent_id=None))
+        """,
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_the_leak_check_waits_for_workers_and_hears_of_every_discard(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    """A worker still running when the test ends is waited for, not taken
+    for a leak; a receiver of ``session_discarded`` that raises does not
+    hide the discard from the check."""
+    result = run(
+        pytester,
+        setup,
+        """
+        import warnings
+        from flask_wfsession import signals
+
+        def test_worker_still_working(app, wfs_leak_check, wfs_isolation):
+            wfs = app.extensions["wfsession"]
+            started = threading.Event()
+
+            def work():
+                wfs.session.scalars(sa.select(Conversation)).all()
+                started.set()
+                wfs.session.add(Conversation(title="worker"))
+                wfs.session.commit()
+
+            with app.app_context():
+                wfs.spawn(work)
+            assert started.wait(10)
+
+        def broken(sender, **kwargs):
+            raise RuntimeError("metrics down")
+
+        @pytest.fixture
+        def receiver_first(app):
+            with signals.session_discarded.connected_to(broken):
+                yield
+
+        def test_discarded_writes(receiver_first, app, wfs_leak_check):
+            warnings.simplefilter("ignore")
+            with app.app_context():
+                app.extensions["wfsession"].session.add(Conversation(title="never committed"))
+        """,
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*test_discarded_writes left: uncommitted writes*"])
+    assert titles(setup) == []
+
+
 def test_leak_check_names_what_the_test_left(pytester: pytest.Pytester, setup: Setup) -> None:
     result = run(
         pytester,
