@@ -267,6 +267,19 @@ def add_conversation(app: Flask, module: t.Any) -> None:
         module.db.session.commit()
 
 
+def assert_question_kept_when_the_llm_fails(
+    client: t.Any, app: t.Any, module: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LLM call raises: the view answers 500, and the question is stored."""
+
+    def fail(seconds: float) -> None:
+        raise TimeoutError("the LLM did not answer")
+
+    monkeypatch.setattr(module.time, "sleep", fail)
+    assert client.post("/conversations/1/chat", json={"message": "Again?"}).status_code == 500
+    assert messages(app, module)[-1] == ("user", "Again?")
+
+
 def messages(app: Flask, module: t.Any) -> list[tuple[str, str]]:
     with app.app_context():
         return [
@@ -308,12 +321,7 @@ def check_after(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPatch) 
     assert messages(app, module) == [("user", "Hi?"), ("assistant", "You asked: Hi?")]
 
     # The first commit keeps the question when the LLM call fails.
-    def fail(seconds: float) -> None:
-        raise TimeoutError("the LLM did not answer")
-
-    monkeypatch.setattr(module.time, "sleep", fail)
-    assert client.post("/conversations/1/chat", json={"message": "Again?"}).status_code == 500
-    assert messages(app, module)[-1] == ("user", "Again?")
+    assert_question_kept_when_the_llm_fails(client, app, module, monkeypatch)
 
     # Without the first commit: released all the same, the question carried
     # in the session and inserted by the final commit.
@@ -431,12 +439,7 @@ def check_unit_steps(pasted: Pasted, module: t.Any, monkeypatch: pytest.MonkeyPa
     assert messages(app, module) == [("user", "Hi?"), ("assistant", "You asked: Hi?")]
 
     # The LLM fails: the question is stored all the same.
-    def fail(seconds: float) -> None:
-        raise TimeoutError("the LLM did not answer")
-
-    monkeypatch.setattr(module.time, "sleep", fail)
-    assert client.post("/conversations/1/chat", json={"message": "Again?"}).status_code == 500
-    assert messages(app, module)[-1] == ("user", "Again?")
+    assert_question_kept_when_the_llm_fails(client, app, module, monkeypatch)
 
     # The whole view in one unit: released while the question is unflushed,
     # held (and reported) once a query has flushed it.
