@@ -88,7 +88,8 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
     if _telemetry._watches:
         _telemetry.began(info, connection)
     began(connection)
-    _transaction.began(session, connection)
+    if _transaction.UNIT in info:
+        _transaction.began(session, connection)
     if not info.pop(_STATEMENT, False):
         # Taken by 'session.connection()', for SQL that no session hook sees:
         # it may write, and it was not checked yet (refused or warned now; a

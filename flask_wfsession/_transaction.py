@@ -66,6 +66,7 @@ from ._callsite import user_frame
 from ._database import (
     SENT,
     aborted,
+    connections,
     ended_under,
     invalidated,
     session_touched,
@@ -271,7 +272,7 @@ def watch(engine: sa.Engine) -> None:
 
 
 def began(session: orm.Session, connection: sa.Connection) -> None:
-    """``session``'s transaction took ``connection``."""
+    """``session``'s transaction, with a unit open, took ``connection``."""
     _SESSIONS[connection] = weakref.ref(session)
 
 
@@ -522,6 +523,8 @@ class Transaction:
             unit = _Unit(app, name, user_frame(), session, self._current, caller, _current_task())
             unit.outer = _INSIDE.get()
             _INSIDE.set(unit)
+            for connection in connections(session):  # taken before the unit began
+                began(session, connection)
             if session.in_transaction():  # rolled back with the unit, if it is: reported
                 unit.before = describe_pending(session)
             frame = _Frame(session, unit, name, entry=entry)
