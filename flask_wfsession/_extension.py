@@ -20,6 +20,7 @@ from flask import Flask, current_app, has_app_context, has_request_context, requ
 from werkzeug.wrappers import Response
 
 from . import (
+    _callbacks,
     _celery,
     _fork,
     _gevent,
@@ -29,6 +30,7 @@ from . import (
     _telemetry,
     _threads,
     _transaction,
+    _unit_checks,
     signals,
 )
 from ._callsite import user_frame
@@ -148,7 +150,7 @@ class WFSession:
         for key, each in engines.items():
             manage(each)
             _gevent.watch(each)
-            _transaction.watch(each)
+            _unit_checks.watch(each)
             if watched:
                 _telemetry.watch(app, key, each, idle_warning)
         sessionmaker = make_sessionmaker(engines, self._session_options)
@@ -305,7 +307,7 @@ class WFSession:
         :param fn: called with no arguments.
         :raise NoAppContextError: outside an app context.
         """
-        _transaction.on_commit(self._current("wfs.on_commit()")[1].scoped.get(), fn)
+        _callbacks.on_commit(self._current("wfs.on_commit()")[1].scoped.get(), fn)
 
     def _sessions_here(self, state: _State) -> list[orm.Session]:
         """The app context's session and this app's sessions holding a

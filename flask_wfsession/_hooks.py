@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 from sqlalchemy import event
 
-from . import _registry, _telemetry, _transaction
+from . import _callbacks, _registry, _telemetry, _transaction, _unit, _unit_checks
 from ._database import CONNECTIONS, LOCKING, SENT, began
 from ._guard import FORKED, SCOPED, check
 from ._release import _HELD_REPORTED
@@ -88,8 +88,8 @@ def _on_begin(session: orm.Session, transaction: t.Any, connection: sa.Connectio
     if _telemetry._watches:
         _telemetry.began(info, connection)
     began(connection)
-    if _transaction.UNIT in info:
-        _transaction.began(session, connection)
+    if _unit.UNIT in info:
+        _unit_checks.began(session, connection)
     if not info.pop(_STATEMENT, False):
         # Taken by 'session.connection()', for SQL that no session hook sees:
         # it may write, and it was not checked yet (refused or warned now; a
@@ -105,7 +105,7 @@ def _on_commit(session: orm.Session) -> None:
 
 def _on_transaction_end(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.nested:
-        _transaction.savepoint_ended(session, transaction)
+        _callbacks.savepoint_ended(session, transaction)
     elif transaction.origin is not _SUBTRANSACTION:
         info = session.info
         if HOLDERS in info:

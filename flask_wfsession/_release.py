@@ -35,7 +35,7 @@ import typing as t
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
-from . import _report, _transaction, signals
+from . import _report, _transaction, _unit, signals
 from ._database import SENT, invalidated, session_touched
 from ._errors import HeldConnectionWarning, PendingChangesError
 from ._pending import SENT_WRITES, report_discarded, unflushed
@@ -67,7 +67,7 @@ def _plan(session: orm.Session, policy: Pending) -> _Plan:
     explicit = tx is not None and (
         tx.origin is not orm.SessionTransactionOrigin.AUTOBEGIN or session.in_nested_transaction()
     )
-    unit = _transaction.unit_of(session)
+    unit = _unit.unit_of(session)
     if unit is not None:
         plan.block, plan.unit = unit.describe(), True
     elif explicit:
@@ -207,14 +207,14 @@ def release_sessions(
         session = plan.session
         if plan.action == "release":
             end = session.rollback if plan.dead else functools.partial(_commit_keep_loaded, session)
-            with _transaction.ending(session, "release"):  # an open unit carries on
+            with _unit.ending(session, "release"):  # an open unit carries on
                 _end_keeping_unflushed(session, end, expire)
         elif plan.action == "commit":
             _commit_keep_loaded(session)
         elif plan.action == "rollback":
             session.rollback()
         elif plan.action == "lost":
-            with _transaction.ending(session, "release"):
+            with _unit.ending(session, "release"):
                 session.rollback()
             _transaction.lost(session, f"the connection died before {what}")
         if plan.action != "hold":

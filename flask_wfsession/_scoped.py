@@ -21,10 +21,11 @@ import typing as t
 import sqlalchemy.orm as orm
 from flask import g
 
+from ._callbacks import report_dropped
 from ._guard import claim, owned_here
 from ._pending import describe_pending, report_discarded
 from ._telemetry import HOLDERS, ending
-from ._transaction import forget, has_committed, report_dropped
+from ._transaction import forget, has_committed
 
 if t.TYPE_CHECKING:
     from flask import Flask

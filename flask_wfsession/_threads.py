@@ -18,7 +18,7 @@ import flask.globals
 import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
-from . import _long_running, _transaction
+from . import _long_running, _unit
 from ._errors import AttachedObjectError
 from ._guard import step_var
 from ._pending import describe, identity_key
@@ -37,8 +37,8 @@ _NOT_INHERITED: frozenset[contextvars.ContextVar[t.Any]] = frozenset(
         step_var,
         # The caller's open units and 'with' blocks: not the worker's, and
         # they would keep the caller's frames alive while it runs.
-        _transaction._INSIDE,
-        _transaction._WITH,
+        _unit.INSIDE,
+        _unit.WITH,
         _long_running._WITH,
     )
     if v is not None
