@@ -14,6 +14,7 @@ that step fails) or not (a teardown: the request is already over).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import typing as t
 import warnings
@@ -63,12 +64,17 @@ def report(
 def send(signal: Signal, app: Flask, *, reraise: bool, **kwargs: t.Any) -> None:
     """Send ``signal`` to each receiver in turn: one that raises is logged, and
     the others still receive it; the first error is re-raised if ``reraise``."""
-    if not signal.receivers:
+    if not signal.receivers or signal.is_muted:
         return
     first: Exception | None = None
     for receiver in signal.receivers_for(app):
         try:
-            receiver(app, **kwargs)
+            result = receiver(app, **kwargs)
+            if inspect.isawaitable(result):
+                getattr(result, "close", lambda: None)()
+                raise TypeError(
+                    f"{receiver!r} is a coroutine function: receivers run synchronously"
+                )
         except Exception as error:
             log().exception("A receiver of the %r signal raised.", getattr(signal, "name", signal))
             first = first or error

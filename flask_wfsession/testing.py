@@ -35,6 +35,7 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 
 from . import signals
 from ._extension import _EXTENSION_KEY, WFSession, _State
@@ -94,25 +95,54 @@ class _Snapshot:
 
 
 def _tables(connection: sa.Connection) -> list[sa.Table]:
-    """The tables of the connection's default schema, parents before children."""
+    """The tables of the connection's default schema, parents before children.
+
+    PostgreSQL's partitioned tables hold no rows of their own: their
+    partitions are restored, as tables.
+    """
     metadata = sa.MetaData()
     metadata.reflect(connection, views=False)
+    partitioned: set[str] = set()
+    if connection.dialect.name == "postgresql":
+        partitioned = set(
+            connection.exec_driver_sql(
+                "SELECT relname FROM pg_class WHERE relkind = 'p'"
+                " AND relnamespace = current_schema()::regnamespace"
+            ).scalars()
+        )
     with warnings.catch_warnings():  # foreign-key cycles: any order will do, checks are off
         warnings.simplefilter("ignore", sa.exc.SAWarning)
-        return list(metadata.sorted_tables)
+        return [t for t in metadata.sorted_tables if t.name not in partitioned]
+
+
+def _raw(connection: sa.Connection, column: sa.Column[t.Any]) -> t.Any:
+    """``column`` as the driver has it: on SQLite, where SQLAlchemy's types
+    convert stored text (dates, JSON), the stored value, unconverted."""
+    if connection.dialect.name == "sqlite":
+        return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+    return column
 
 
 def _read(connection: sa.Connection, table: sa.Table) -> Rows:
-    """The table's rows, in primary key order; without a primary key, sorted here
-    (a column such as PostgreSQL's ``json`` has no order in SQL)."""
+    """The table's rows (its own: PostgreSQL's ``ONLY``), in primary key order;
+    without a primary key, sorted here (a column such as PostgreSQL's ``json``
+    has no order in SQL)."""
+    query = sa.select(*(_raw(connection, c) for c in table.columns))
+    query = query.with_hint(table, "ONLY", "postgresql")
     if table.primary_key.columns:
-        query = sa.select(table).order_by(*table.primary_key.columns)
+        query = query.order_by(*table.primary_key.columns)
         return [tuple(r) for r in connection.execute(query)]
-    return sorted((tuple(r) for r in connection.execute(sa.select(table))), key=repr)
+    return sorted((tuple(r) for r in connection.execute(query)), key=repr)
+
+
+def _differ(rows: Rows, saved: Rows) -> bool:
+    """Whether ``rows`` differ from ``saved`` (compared by ``repr``: a float NaN
+    equals itself)."""
+    return rows != saved and repr(rows) != repr(saved)
 
 
 def _sequences(connection: sa.Connection) -> dict[str, tuple[t.Any, ...]]:
-    """PostgreSQL's sequences in the search path, as ``setval()`` arguments: a
+    """PostgreSQL's sequences in the default schema, as ``setval()`` arguments: a
     test that restarts one (``TRUNCATE ... RESTART IDENTITY``) must not leave
     the next test's ids colliding with the restored rows."""
     if connection.dialect.name != "postgresql":
@@ -120,7 +150,7 @@ def _sequences(connection: sa.Connection) -> dict[str, tuple[t.Any, ...]]:
     rows = connection.exec_driver_sql(
         "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename),"
         " coalesce(last_value, start_value), last_value IS NOT NULL"
-        " FROM pg_sequences WHERE schemaname = ANY (current_schemas(false))"
+        " FROM pg_sequences WHERE schemaname = current_schema()"
     )
     return {name: (value, called) for name, value, called in rows}
 
@@ -132,7 +162,10 @@ def _snapshot(engine: sa.Engine) -> _Snapshot:
 
 
 _SETTINGS_BACK = {  # after the restore: the connection goes back to the pool as it was
-    "mysql": ("SET FOREIGN_KEY_CHECKS = 1", "SET SESSION innodb_lock_wait_timeout = DEFAULT"),
+    "mysql": (
+        "SET FOREIGN_KEY_CHECKS = {mysql_foreign_key_checks}",
+        "SET SESSION innodb_lock_wait_timeout = {mysql_lock_wait_timeout}",
+    ),
     "sqlite": ("PRAGMA foreign_keys = {sqlite_foreign_keys}",),
 }
 
@@ -142,9 +175,13 @@ def _checks_off(connection: sa.Connection) -> tuple[bool, dict[str, t.Any]]:
     the database allows; return whether it did, and what to set back."""
     dialect = connection.dialect.name
     if dialect in ("mysql", "mariadb"):
+        checks, timeout = connection.exec_driver_sql(
+            "SELECT @@session.foreign_key_checks, @@session.innodb_lock_wait_timeout"
+        ).one()
+        values = {"mysql_foreign_key_checks": int(checks), "mysql_lock_wait_timeout": int(timeout)}
         connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
         connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {_LOCK_TIMEOUT_S}")
-        return True, {}
+        return True, values
     if dialect == "postgresql":  # SET LOCAL: undone with the transaction
         connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT_S}s'")
         try:  # also keeps triggers quiet; needs a superuser or the table owner's role
@@ -163,6 +200,8 @@ def _checks_off(connection: sa.Connection) -> tuple[bool, dict[str, t.Any]]:
 
 
 def _settings_back(connection: sa.Connection, values: dict[str, t.Any]) -> None:
+    if not values:  # nothing was changed (or reading the settings failed first)
+        return
     name = "mysql" if connection.dialect.name == "mariadb" else connection.dialect.name
     for statement in _SETTINGS_BACK.get(name, ()):
         connection.exec_driver_sql(statement.format(**values))
@@ -207,17 +246,32 @@ def _restore(engine: sa.Engine, snapshot: _Snapshot) -> list[str]:
 _PASSES = 3  # a trigger that writes on restore: restore what it wrote, then check again
 
 
+class _OverridingInsert(sa.sql.Insert):
+    """An INSERT that sets PostgreSQL's ``GENERATED ALWAYS AS IDENTITY`` columns."""
+
+    inherit_cache = True
+
+
+@compiles(_OverridingInsert, "postgresql")
+def _overriding(insert: _OverridingInsert, compiler: t.Any, **kw: t.Any) -> str:
+    sql: str = compiler.visit_insert(insert, **kw)
+    return sql.replace(" VALUES ", " OVERRIDING SYSTEM VALUE VALUES ", 1)
+
+
 def _insert(connection: sa.Connection, table: sa.Table, rows: Rows) -> None:
     kept = [i for i, c in enumerate(table.columns) if c.computed is None]  # generated: skip
+    if connection.dialect.name == "sqlite":  # the stored values, as read: unconverted
+        quote = connection.dialect.identifier_preparer.quote
+        names = ", ".join(quote(table.columns[i].name) for i in kept)
+        marks = ", ".join("?" for _ in kept)
+        connection.exec_driver_sql(
+            f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})",
+            [tuple(row[i] for i in kept) for row in rows],
+        )
+        return
     keys = [table.columns[i].key for i in kept]
     values = [{k: row[i] for k, i in zip(keys, kept, strict=True)} for row in rows]
-    always = any(c.identity is not None and c.identity.always for c in table.columns)
-    if always and connection.dialect.name == "postgresql":  # GENERATED ALWAYS AS IDENTITY
-        sql = str(table.insert().compile(dialect=connection.dialect))
-        sql = sql.replace(" VALUES ", " OVERRIDING SYSTEM VALUE VALUES ", 1)
-        connection.exec_driver_sql(sql, values)
-    else:
-        connection.execute(table.insert(), values)
+    connection.execute(_OverridingInsert(table), values)
 
 
 def _restore_once(engine: sa.Engine, snapshot: _Snapshot) -> set[str]:
@@ -225,7 +279,7 @@ def _restore_once(engine: sa.Engine, snapshot: _Snapshot) -> set[str]:
     saved = snapshot.tables
     tables = list(saved)
     with engine.connect() as connection:
-        changed = {table for table in tables if _read(connection, table) != saved[table]}
+        changed = {table for table in tables if _differ(_read(connection, table), saved[table])}
         sequences = {
             name: args
             for name, args in _sequences(connection).items()
@@ -241,7 +295,7 @@ def _restore_once(engine: sa.Engine, snapshot: _Snapshot) -> set[str]:
             changed = _dependents(tables, changed)
         order = [table for table in tables if table in changed]
         for table in reversed(order):
-            connection.execute(table.delete())
+            connection.execute(table.delete().with_hint("ONLY", dialect_name="postgresql"))
         for table in order:
             if saved[table]:
                 _insert(connection, table, saved[table])
@@ -252,11 +306,16 @@ def _restore_once(engine: sa.Engine, snapshot: _Snapshot) -> set[str]:
                     {"name": name, "value": value, "called": called},
                 )
         connection.commit()
-    except sa.exc.OperationalError as error:
+    except sa.exc.DBAPIError as error:
+        locked = isinstance(error, sa.exc.OperationalError)
         raise RuntimeError(
             f"wfs_isolation could not restore {sorted(t.name for t in changed)}: {error.orig}."
-            " A session or connection the test left open may hold a lock on those rows"
-            " (wfs_leak_check names it)."
+            + (
+                " A session or connection the test left open may hold a lock on those"
+                " rows (wfs_leak_check names it)."
+                if locked
+                else " The database differs from before the test; recreate it."
+            )
         ) from error
     finally:
         try:

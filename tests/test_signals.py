@@ -105,6 +105,32 @@ def test_a_raising_discard_receiver_still_closes_the_session(
         assert session.scalars(sa.select(Conversation)).all() == []
 
 
+def test_every_receiver_hears_a_signal_though_one_raises_unless_muted(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[str] = []
+
+    @setup.app.post("/forget")
+    def forget() -> str:
+        setup.wfs.session.add(Conversation(title="never committed"))
+        return "ok"
+
+    def listening(name: str) -> t.Any:
+        return signals.session_discarded.connected_to(
+            lambda sender, **kwargs: heard.append(name), setup.app
+        )
+
+    client = setup.app.test_client()
+    with listening("first"), signals.session_discarded.connected_to(failing), listening("last"):
+        with pytest.warns(DiscardedWritesWarning):
+            client.post("/forget")
+        assert sorted(heard) == ["first", "last"]  # in whatever order blinker keeps them
+        with signals.session_discarded.muted(), pytest.warns(DiscardedWritesWarning):
+            client.post("/forget")  # still warned; no receiver called
+    assert sorted(heard) == ["first", "last"]
+    assert "session-discarded" in caplog.text
+
+
 def test_signals_sent_with_current_app_as_sender(setup: Setup) -> None:
     """An HTTP-client hook that only has 'current_app' can release too."""
     with setup.app.app_context():

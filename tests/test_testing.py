@@ -185,6 +185,80 @@ def test_isolation_restores_related_tables_generated_columns_and_sequences(
     result.assert_outcomes(passed=2)
 
 
+def test_isolation_compares_and_restores_stored_values_exactly(
+    pytester: pytest.Pytester, setup: Setup
+) -> None:
+    """SQLite: text a type would convert (a date without microseconds, compact
+    JSON) comes back as stored. PostgreSQL: a NaN, which equals nothing, is
+    not taken for a change, and a partitioned table's rows come back once."""
+    result = run(
+        pytester,
+        setup,
+        """
+        SEEDS = {
+            "sqlite": [
+                "CREATE TABLE wfs_test_raw (id INTEGER PRIMARY KEY, at DATETIME, doc JSON)",
+                "INSERT INTO wfs_test_raw VALUES (1, '2024-01-05 10:00:00', '{\\"a\\":1}')",
+            ],
+            "postgresql": [
+                "CREATE TABLE wfs_test_raw (id INTEGER PRIMARY KEY, value FLOAT)",
+                "INSERT INTO wfs_test_raw VALUES (1, 'NaN')",
+                "CREATE TABLE wfs_test_part (id INTEGER, day DATE) PARTITION BY RANGE (day)",
+                "CREATE TABLE wfs_test_part_2024 PARTITION OF wfs_test_part"
+                " FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+                "INSERT INTO wfs_test_part VALUES (1, '2024-05-01')",
+            ],
+            "mysql": [
+                "CREATE TABLE wfs_test_raw (id INTEGER PRIMARY KEY, value FLOAT)",
+                "INSERT INTO wfs_test_raw VALUES (1, 1.5)",
+            ],
+        }
+        DROP = ["DROP TABLE IF EXISTS wfs_test_part", "DROP TABLE IF EXISTS wfs_test_raw"]
+
+        @pytest.fixture
+        def engine(app):
+            engine = app.extensions["wfsession"]._get_state(app).engines[None]
+            name = "mysql" if engine.dialect.name == "mariadb" else engine.dialect.name
+            with engine.begin() as connection:
+                for statement in DROP + SEEDS[name]:
+                    connection.exec_driver_sql(statement)
+            yield engine
+            with engine.begin() as connection:
+                for statement in DROP:
+                    connection.exec_driver_sql(statement)
+
+        def raw(engine):
+            with engine.connect() as connection:
+                tables = ["wfs_test_raw"]
+                if engine.dialect.name == "postgresql":
+                    tables.append("wfs_test_part")
+                return [
+                    sorted(map(repr, connection.exec_driver_sql(f"SELECT * FROM {t}").all()))
+                    for t in tables
+                ]
+
+        seen = {}
+
+        def test_nothing_written(engine, wfs_isolation):
+            seen["before"] = raw(engine)
+            yield_restored.append(wfs_isolation)
+
+        yield_restored = []
+
+        def test_written(engine, wfs_isolation):
+            assert yield_restored[0] == []  # the NaN was no change
+            with engine.begin() as connection:
+                connection.exec_driver_sql("INSERT INTO wfs_test_raw (id) VALUES (2)")
+                if engine.dialect.name == "postgresql":
+                    connection.exec_driver_sql("DELETE FROM wfs_test_part")
+
+        def test_after(engine):
+            assert raw(engine) == seen["before"]
+        """,
+    )
+    result.assert_outcomes(passed=3)
+
+
 def test_the_leak_check_waits_for_workers_and_hears_of_every_discard(
     pytester: pytest.Pytester, setup: Setup
 ) -> None:
