@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as orm
 
 from . import _report, signals
-from ._database import SENT, invalidated, session_touched
+from ._database import SENT, aborted, invalidated, session_touched
 from ._errors import DiscardedWritesWarning
 
 if t.TYPE_CHECKING:
@@ -82,15 +82,16 @@ def describe_pending(session: orm.Session) -> list[str]:
     if not session.info.get(SENT):
         return changes
     if invalidated(session):
-        if session.info.get(SENT):
-            changes.append("writes sent in a transaction whose connection failed")
+        changes.append("writes sent in a transaction whose connection failed")
+        return changes
+    if aborted(session):  # PostgreSQL answers nothing more in this transaction
+        changes.append("writes sent in a transaction the database aborted after an error")
         return changes
     try:
         if session_touched(session, locks=False):
             changes.append(SENT_WRITES)
     except sa.exc.DBAPIError as error:
-        if session.info.get(SENT):
-            changes.append(f"writes sent in a transaction whose connection failed ({error.orig})")
+        changes.append(f"writes sent in a transaction whose connection failed ({error.orig})")
     return changes
 
 
