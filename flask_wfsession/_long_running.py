@@ -9,7 +9,6 @@ extension.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import time
@@ -19,6 +18,7 @@ from types import TracebackType
 from flask.globals import _cv_app
 
 from . import _settings, signals
+from ._blocks import OpenBlocks
 from ._guard import step_var
 from ._settings import Pending
 
@@ -130,9 +130,7 @@ def _wrap_async_generator(func: t.Any, name: str, pending: Pending | None) -> t.
 
 
 # The 'with long_running()' blocks open in this thread or task.
-_WITH: contextvars.ContextVar[tuple[tuple[LongRunning, _step], ...]] = contextvars.ContextVar(
-    "flask_wfsession.long_running", default=()
-)
+WITH: OpenBlocks[_step] = OpenBlocks("flask_wfsession.long_running")
 
 
 class LongRunning:
@@ -171,7 +169,7 @@ class LongRunning:
     def __enter__(self) -> None:
         cm = _step(self.step or "long-running", self.pending)
         cm.__enter__()
-        _WITH.set((*_WITH.get(), (self, cm)))
+        WITH.push(self, cm)
 
     def __exit__(
         self,
@@ -179,15 +177,13 @@ class LongRunning:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        open_here = _WITH.get()
-        entry = next((e for e in reversed(open_here) if e[0] is self), None)
-        if entry is None:
+        cm = WITH.pop(self)
+        if cm is None:
             raise RuntimeError(
                 f"'with long_running({self.step!r})' exited in another thread or task"
                 " than it was entered in, or twice."
             )
-        _WITH.set(tuple(e for e in open_here if e is not entry))
-        entry[1].__exit__(exc_type, exc, tb)
+        cm.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> None:
         self.__enter__()

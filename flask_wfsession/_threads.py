@@ -38,8 +38,8 @@ _NOT_INHERITED: frozenset[contextvars.ContextVar[t.Any]] = frozenset(
         # The caller's open units and 'with' blocks: not the worker's, and
         # they would keep the caller's frames alive while it runs.
         _unit.INSIDE,
-        _unit.WITH,
-        _long_running._WITH,
+        _unit.WITH.var,
+        _long_running.WITH.var,
     )
     if v is not None
 )

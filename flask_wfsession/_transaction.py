@@ -239,9 +239,9 @@ class Transaction:
                 try:
                     result = await t.cast(t.Awaitable[t.Any], func(*args, **kwargs))
                 except BaseException as error:
-                    _exit(frame, error, self._current)
+                    _exit(frame, error)
                     raise
-                _exit(frame, None, self._current)
+                _exit(frame, None)
                 return result
 
             return t.cast(t.Callable[P, R], async_wrapper)
@@ -253,14 +253,14 @@ class Transaction:
                 result = func(*args, **kwargs)
                 check_ran(func, result)
             except BaseException as error:
-                _exit(frame, error, self._current)
+                _exit(frame, error)
                 raise
-            _exit(frame, None, self._current)
+            _exit(frame, None)
             return result
 
         return wrapper
 
-    def _enter(self, name: str, caller: FrameType, entry: Transaction | None = None) -> Frame:
+    def _enter(self, name: str, caller: FrameType) -> Frame:
         """Open a unit, or join the open one; ``caller`` is the Python frame that
         runs the unit's code."""
         app, session = self._current()
@@ -283,12 +283,12 @@ class Transaction:
                 began(session, connection)
             if session.in_transaction():  # rolled back with the unit, if it is: reported
                 unit.before = describe_pending(session)
-            frame = Frame(session, unit, name, entry=entry)
+            frame = Frame(unit, name)
             session.info[UNIT] = unit
         else:
             check_join(unit, name)
             savepoint = session.begin_nested() if self.savepoint else None
-            frame = Frame(session, unit, name, savepoint, entry)
+            frame = Frame(unit, name, savepoint)
         unit.frames.append(frame)
         return frame
 
@@ -296,8 +296,8 @@ class Transaction:
         return self._open(sys._getframe(1))
 
     def _open(self, caller: FrameType) -> orm.Session:
-        frame = self._enter(self.name or "with wfs.transaction()", user_code(caller), self)
-        WITH.set((*WITH.get(), frame))
+        frame = self._enter(self.name or "with wfs.transaction()", user_code(caller))
+        WITH.push(self, frame)
         return frame.session
 
     def __exit__(
@@ -306,16 +306,14 @@ class Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        open_here = WITH.get()
-        frame = next((f for f in reversed(open_here) if f.entry is self), None)
+        frame = WITH.pop(self)
         if frame is None:
             raise UnitOfWorkError(
                 f"'with wfs.transaction()' ({self.name or 'unnamed'}) exited in another"
                 " thread or task than it was entered in, or twice. Enter and leave a unit"
                 " of work in the same code."
             )
-        WITH.set(tuple(f for f in open_here if f is not frame))
-        _exit(frame, exc, self._current)
+        _exit(frame, exc)
 
     async def __aenter__(self) -> orm.Session:
         return self._open(sys._getframe(1))
@@ -329,11 +327,7 @@ class Transaction:
         self.__exit__(exc_type, exc, tb)
 
 
-def _exit(
-    frame: Frame,
-    error: BaseException | None,
-    current: t.Callable[[], tuple[Flask, orm.Session]],
-) -> None:
+def _exit(frame: Frame, error: BaseException | None) -> None:
     session, unit = frame.session, frame.unit
     if unit.abandoned:  # its app context ended first (and said so)
         if error is None:
@@ -353,7 +347,7 @@ def _exit(
             " entering them ('with' blocks do)."
         )
     unit.frames.pop()
-    if not unit.frames and unit.failed is None and replaced_in(unit, current):
+    if not unit.frames and unit.failed is None and replaced_in(unit):
         unit.failed = REPLACED
     if unit.frames:  # joined the outer unit
         if frame.savepoint is not None:

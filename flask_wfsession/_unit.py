@@ -19,10 +19,10 @@ from types import FrameType
 import sqlalchemy.orm as orm
 from flask.globals import _cv_app
 
+from ._blocks import OpenBlocks
+
 if t.TYPE_CHECKING:
     from flask import Flask
-
-    from ._transaction import Transaction
 
 UNIT = "flask_wfsession.unit"  # Session.info: the open unit of work
 ENDING = "flask_wfsession.ending"  # Session.info: the unit or a release is ending the transaction
@@ -38,11 +38,13 @@ Ending = t.Literal["unit", "release"]
 class Frame:
     """One entry into a unit: the outermost, a join, or a savepoint."""
 
-    session: orm.Session
     unit: Unit
     name: str
     savepoint: orm.SessionTransaction | None = None
-    entry: Transaction | None = None  # the object of a 'with' block
+
+    @property
+    def session(self) -> orm.Session:
+        return self.unit.session
 
 
 # The outermost unit entered in this context: tasks started inside it inherit it.
@@ -50,11 +52,8 @@ INSIDE: contextvars.ContextVar[Unit | None] = contextvars.ContextVar(
     "flask_wfsession.unit", default=None
 )
 
-# The frames of the 'with wfs.transaction()' blocks open in this thread or task,
-# so that one Transaction object can serve several at once.
-WITH: contextvars.ContextVar[tuple[Frame, ...]] = contextvars.ContextVar(
-    "flask_wfsession.with", default=()
-)
+# The frames of the 'with wfs.transaction()' blocks open in this thread or task.
+WITH: OpenBlocks[Frame] = OpenBlocks("flask_wfsession.with")
 
 
 @dataclasses.dataclass(eq=False)

@@ -37,7 +37,7 @@ from ._errors import NoAppContextError, UnitOfWorkError
 from ._unit import ENDING, INSIDE, UNIT, Unit, unit_of
 
 if t.TYPE_CHECKING:
-    from flask import Flask
+    pass
 
 REPLACED = (
     "its session was closed and replaced inside it ('db.session.remove()'?): what was"
@@ -73,9 +73,9 @@ def _not_started(generator: t.Any) -> bool:
 
 
 def check_outermost(session: orm.Session, name: str) -> None:
-    """Refuse to open a unit inside the app's own ``session.begin()`` or
-    ``begin_nested()`` block: the block ends the transaction, the unit would
-    split it."""
+    """Refuse to open a unit on a transaction that can no longer commit, or
+    inside the app's own ``session.begin()`` or ``begin_nested()`` block (the
+    block ends the transaction; the unit would split it)."""
     transaction = session.get_transaction()
     failed = failed_inside(session) if transaction is not None else None
     if failed is not None:
@@ -120,10 +120,10 @@ def check_ran(func: t.Callable[..., object], result: object) -> None:
         )
 
 
-def replaced_in(unit: Unit, current: t.Callable[[], tuple[Flask, orm.Session]]) -> bool:
+def replaced_in(unit: Unit) -> bool:
     """Whether the app context's session is no longer the one the unit opened on."""
     try:
-        return current()[1] is not unit.session
+        return unit.current()[1] is not unit.session
     except NoAppContextError:
         return False
 
