@@ -181,7 +181,8 @@ class LongRunning:
         if cm is None:
             raise RuntimeError(
                 f"'with long_running({self.step!r})' exited in another thread or task"
-                " than it was entered in, or twice."
+                " than it was entered in, or twice: the step's state is lost. Enter and"
+                " leave the block in the same code; a 'with' statement does."
             )
         cm.__exit__(exc_type, exc, tb)
 
